@@ -135,7 +135,7 @@ def select_heads(num_teacher_heads: int, num_student_heads: int) -> np.ndarray:
         raise ValueError(
             f"head counts must be positive; got num_teacher_heads={n}, "
             f"num_student_heads={m}")
-    return np.arange(m)
+    return (np.arange(m) * n) // m
 
 
 def attention_mse(student_scores, teacher_scores, attention_mask,

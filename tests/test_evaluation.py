@@ -118,7 +118,9 @@ def test_format_markdown_table():
     lines = table.strip().split("\n")
     assert lines[0] == "| run | en | de | sw | avg | overall |"
     assert lines[1] == "|---|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| teacher | 100.00 | 100.00 | - | 100.00 | 100.00 |"
+    # de has no class-2 examples: with labels=range(num_classes), zero_division=0 the
+    # absent class counts as F1 = 0, so even perfect predictions give 2/3 there.
+    assert lines[2] == "| teacher | 100.00 | 66.67 | - | 83.33 | 100.00 |"
     assert lines[3] == "| student KD | 65.56 | 48.89 | - | 57.22 | 69.44 |"
     assert len(lines) == 4
 
