@@ -153,7 +153,7 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    terms["grad_norm"] = optax.global_norm(grads)
+    terms["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), terms
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -164,7 +164,7 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
 def make_predict_step(model: Encoder, mesh):
   """Jitted `predict(params, batch) -> [B] int32 argmax of the logits` (replicated out)."""
   def predict(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

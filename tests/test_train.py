@@ -1,0 +1,168 @@
+"""The loop end to end on a tiny model and real tsm slices: results, exact resume, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kd_jax import config_base, train
+from kd_jax.data.tsm import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(model_dir, data_dir, **student):
+  config = config_base.base_config()
+  config.model = str(model_dir)
+  config.data.data_dir = str(data_dir)
+  config.data.languages = ("english", "arabic", "hindi")
+  config.data.train_fraction = 0.05   # 92 tweets per language
+  config.data.eval_fraction = 0.1
+  config.data.max_length = 64
+  config.data.buckets = (32, 64)
+  for name in ("teacher", "student"):
+    config[name].train = config_base.train_config(
+        batch_size=8, eval_batch_size=16, num_train_steps=6, learning_rate=1e-3,
+        eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1)
+  config.student.num_layers = 2
+  config.student.update(student)
+  return config
+
+
+def _latest_params(stage_dir):
+  mngr = ocp.CheckpointManager(stage_dir / "checkpoints" / "latest")
+  restored = mngr.restore(mngr.latest_step())
+  return mngr.latest_step(), restored
+
+
+def test_both_stages_then_exact_resume(tiny_model_dir, real_data_dir, tmp_path):
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  teacher, student = full["finetune_teacher"], full["distill"]
+  for metrics in (teacher, student):
+    assert set(metrics["per_language"]) == {"english", "arabic", "hindi"}
+    assert 0 <= metrics["overall"]["macro_f1"] <= 100
+    assert metrics["overall"]["num_examples"] == 3 * 87  # 10% of 870 test tweets
+  for name in ("teacher/test.json", "teacher/val.md", "student/test.md", "results.md"):
+    assert (tmp_path / "full" / name).exists(), name
+  assert "student from_teacher KD" in (tmp_path / "full" / "results.md").read_text()
+  saved = json.loads((tmp_path / "full" / "student" / "model_config.json").read_text())
+  assert saved["layer_map"] == [2, 4] and saved["encoder"]["num_layers"] == 2
+
+  # Stop the student after step 3 (latest checkpoint at step 2), rerun the same command.
+  resumed_dir = tmp_path / "resumed"
+  config.student.train.stop_after_steps = 3
+  partial = train.train_and_evaluate(config, resumed_dir)
+  assert partial["distill"] == {}
+  assert _latest_params(resumed_dir / "student")[0] == 2
+  config.student.train.stop_after_steps = -1
+  resumed = train.train_and_evaluate(config, resumed_dir)
+  assert resumed["distill"]["overall"] == student["overall"]
+  assert resumed["distill"]["per_language"] == student["per_language"]
+  step_a, a = _latest_params(tmp_path / "full" / "student")
+  step_b, b = _latest_params(resumed_dir / "student")
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+
+
+def test_non_kd_narrow_student_from_base(tiny_model_dir, real_data_dir, tmp_path):
+  config = tiny_config(tiny_model_dir, real_data_dir, init="from_base", hidden_size=16)
+  config.distill.kd = False
+  config.student.train.num_train_steps = 2
+  train.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "student" / "model_config.json").read_text())["encoder"]
+  assert (saved["hidden_size"], saved["num_heads"], saved["intermediate_size"]) == (16, 2, 32)
+
+
+def test_kd_narrow_student_uses_projections(tiny_model_dir, real_data_dir, tmp_path):
+  config = tiny_config(tiny_model_dir, real_data_dir, hidden_size=16)
+  config.teacher.train.num_train_steps = 2
+  config.student.train.num_train_steps = 2
+  train.train_and_evaluate(config, tmp_path)
+  _, state = _latest_params(tmp_path / "student")
+  assert state["params"]["proj"]["hid"].shape == (16, 32)
+  assert state["params"]["proj"]["embd"].shape == (16, 32)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("student.init", "from_nowhere", "config.student.init='from_nowhere' is not valid"),
+    ("stages", ("finetune",), "config.stages='finetune' is not valid"),
+    ("distill.prediction_loss", "l1", "config.distill.prediction_loss='l1'"),
+    ("data.languages", ("klingon",), "config.data.languages='klingon'"),
+    ("data.buckets", (32, 100), "buckets"),
+])
+def test_bad_config_values(field, value, message, tiny_model_dir, real_data_dir):
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  section, _, key = field.rpartition(".")
+  (config[section] if section else config)[key] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    train.validate_config(config)
+
+
+def test_unknown_weight_term(tiny_model_dir, real_data_dir):
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  with config.distill.weights.unlocked():
+    config.distill.weights.attn = 1.0
+  with pytest.raises(ValueError, match="config.distill.weights='attn'"):
+    train.validate_config(config)
+
+
+def test_bad_input_stops_before_training_and_keeps_workdir(tiny_model_dir, real_data_dir,
+                                                          tmp_path):
+  (tmp_path / "notes.txt").write_text("keep me")
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  config.data.data_dir = str(tmp_path / "no_such_dir")
+  with pytest.raises(DataError, match="no_such_dir"):
+    train.train_and_evaluate(config, tmp_path)
+  # A distill stage pointed at a directory without a finished teacher.
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  config.stages = ("distill",)
+  config.teacher.checkpoint = str(tmp_path / "missing_teacher")
+  with pytest.raises(FileNotFoundError, match="missing_teacher.*model_config.json"):
+    train.train_and_evaluate(config, tmp_path)
+  assert (tmp_path / "notes.txt").read_text() == "keep me"
+  assert not (tmp_path / "student" / "checkpoints").exists()
+
+
+def test_teacher_checkpoint_mismatch(tiny_model_dir, real_data_dir, tmp_path):
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  config.stages = ("finetune_teacher",)
+  config.teacher.train.num_train_steps = 2
+  train.train_and_evaluate(config, tmp_path)
+  info_path = tmp_path / "teacher" / "model_config.json"
+  info = json.loads(info_path.read_text())
+  info["encoder"]["hidden_size"] = 64
+  info_path.write_text(json.dumps(info))
+  config.stages = ("distill",)
+  with pytest.raises(ValueError, match="does not match the model config"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["default", "tsm_teacher", "tsm_student"])
+def test_configs_validate(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  train.validate_config(module.get_config())
+
+
+def test_sharded_step_matches_single_device():
+  """8 simulated CPU devices give the same loss and parameters as 1 (own process:
+  the device count is fixed when jax starts)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 8
+  assert report["batch_sharding_devices"] == 8
+  assert report["max_param_diff"] < 1e-5
+  assert abs(report["loss_1"] - report["loss_8"]) < 1e-5
