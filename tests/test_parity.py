@@ -115,3 +115,43 @@ def test_unreadable_weights(tmp_path):
   (tmp_path / "bert" / "model.safetensors").write_bytes(b"garbage")
   with pytest.raises(ValueError, match="model.safetensors: cannot read model weights"):
     hf_io.load_pretrained(str(tmp_path / "bert"))
+
+
+def _to_flax_tree(state_dict):
+  """PyTorch names/layouts -> the nested tree HF's Flax classes save (kernel = weight.T)."""
+  tree = {}
+  for name, value in state_dict.items():
+    if "position_ids" in name:
+      continue
+    *path, leaf = name.split(".")
+    value = value.numpy()
+    if leaf == "weight":
+      if "LayerNorm" in path[-1]:
+        leaf = "scale"
+      elif "embeddings" in path[-1]:
+        leaf = "embedding"
+      else:
+        leaf, value = "kernel", value.T
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+@pytest.mark.parametrize("fmt", ["pytorch_model.bin", "flax_model.msgpack"])
+def test_other_weight_formats(fmt, tmp_path):
+  from flax import serialization
+  model, cfg = _make("roberta", tmp_path)
+  d = tmp_path / "roberta"
+  (d / "model.safetensors").unlink()
+  if fmt == "pytorch_model.bin":
+    torch.save(model.state_dict(), d / fmt)
+  else:
+    (d / fmt).write_bytes(serialization.msgpack_serialize(_to_flax_tree(model.state_dict())))
+  ids, mask = _batch(cfg.pad_token_id)
+  with torch.no_grad():
+    ref = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+  config, params, _ = hf_io.load_pretrained(str(d), allow_missing_head=False)
+  out = Encoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(out.logits, ref.numpy(), atol=1e-4, rtol=0)
