@@ -1,0 +1,314 @@
+"""Export a kd_jax model as an ordinary Hugging Face (transformers) directory.
+
+The result loads with `transformers.AutoModelForSequenceClassification.from_pretrained`
+(PyTorch or any framework that reads safetensors) and `AutoTokenizer.from_pretrained`::
+
+    <out_dir>/config.json          model_type "bert" | "xlm-roberta", architectures, labels, sizes
+    <out_dir>/model.safetensors    float32 tensors named as transformers' save_pretrained names them
+    <out_dir>/tokenizer.json ...   the tokenizer, written by its own save_pretrained
+
+Only the encoder (and its classification head) is written; the learnable distillation
+projections (`{"model": ..., "proj": ...}` during training) are never exported.
+
+Command line (a run directory exports its student by default)::
+
+    python -m kd_jax.export --workdir runs/default --out exported/student
+    python -m kd_jax.export --workdir runs/default --stage teacher --out exported/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from kd_jax import hf_io
+from kd_jax.data.tsm import TSM_LABELS
+from kd_jax.models.encoder import EncoderConfig, init_params
+
+# family -> (model_type, class with a classification head, base class)
+_HF_CLASSES = {
+    "bert": ("bert", "BertForSequenceClassification", "BertModel"),
+    "roberta": ("xlm-roberta", "XLMRobertaForSequenceClassification", "XLMRobertaModel"),
+}
+STAGE_DIRS = {"student": "student", "teacher": "teacher"}
+
+
+def _model_params(params: Mapping) -> Mapping:
+  """The encoder's tree out of a training tree ({"model", "proj"}) or a variables dict."""
+  if "model" in params and "proj" in params:
+    return params["model"]  # drop the distillation projections
+  if set(params) == {"params"}:
+    return params["params"]
+  return params
+
+
+def _check_params(params: Mapping, config: EncoderConfig) -> None:
+  """ValueError listing every missing, unexpected or wrongly shaped leaf."""
+  reference = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  ref = {jax.tree_util.keystr(k): v.shape
+         for k, v in jax.tree_util.tree_flatten_with_path(reference)[0]}
+  got = {jax.tree_util.keystr(k): tuple(np.shape(v))
+         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted(set(ref) - set(got))
+  unexpected = sorted(set(got) - set(ref))
+  shapes = [f"{k}: {got[k]} vs config {tuple(ref[k])}" for k in sorted(set(ref) & set(got))
+            if tuple(got[k]) != tuple(ref[k])]
+  if missing or unexpected or shapes:
+    lines = [f"parameters do not match the EncoderConfig (family={config.family}, "
+             f"layers={config.num_layers}, hidden={config.hidden_size}, "
+             f"num_labels={config.num_labels}):"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", shapes)):
+      if items:
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                     + (" ..." if len(items) > 20 else ""))
+    raise ValueError("\n".join(lines))
+
+
+def _labels(id2label, num_labels: int) -> dict[int, str]:
+  if id2label is None:
+    return {i: f"LABEL_{i}" for i in range(num_labels)}
+  if isinstance(id2label, Mapping):
+    labels = {int(k): str(v) for k, v in id2label.items()}
+  else:
+    labels = {i: str(v) for i, v in enumerate(id2label)}
+  if sorted(labels) != list(range(num_labels)):
+    raise ValueError(f"id2label has ids {sorted(labels)} but the model has num_labels="
+                     f"{num_labels} (ids 0..{num_labels - 1})")
+  if len(set(labels.values())) != len(labels):
+    raise ValueError(f"id2label has repeated names: {labels}")
+  return labels
+
+
+def hf_config_dict(config: EncoderConfig, *, id2label=None, tokenizer=None) -> dict[str, Any]:
+  """config.json contents for `config` (what transformers' own config would write).
+
+  Args:
+    config: the model's EncoderConfig.
+    id2label: class names, as {id: name} or a sequence indexed by id; default LABEL_i.
+    tokenizer: optional; its bos/eos ids are recorded (XLM-R defaults 0 and 2 otherwise).
+  Raises:
+    ValueError: id2label does not cover exactly ids 0..num_labels-1.
+  """
+  model_type, head_class, base_class = _HF_CLASSES[config.family]
+  d: dict[str, Any] = {
+      "model_type": model_type,
+      "architectures": [head_class if config.num_labels > 0 else base_class],
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "intermediate_size": config.intermediate_size,
+      "hidden_act": "gelu",  # the Encoder's exact (erf) GELU
+      "hidden_dropout_prob": config.hidden_dropout,
+      "attention_probs_dropout_prob": config.attention_dropout,
+      "classifier_dropout": config.classifier_dropout,
+      "max_position_embeddings": config.max_position_embeddings,
+      "type_vocab_size": config.type_vocab_size,
+      "initializer_range": config.initializer_range,
+      "layer_norm_eps": config.layer_norm_eps,
+      "pad_token_id": config.pad_token_id,
+      "position_embedding_type": "absolute",
+      "dtype": "float32",
+  }
+  if config.family == "roberta":
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    d["bos_token_id"] = 0 if bos is None else bos
+    d["eos_token_id"] = 2 if eos is None else eos
+  if config.num_labels > 0:
+    labels = _labels(id2label, config.num_labels)
+    d["id2label"] = {str(i): name for i, name in sorted(labels.items())}
+    d["label2id"] = {name: i for i, name in sorted(labels.items())}
+  return d
+
+
+def export_state_dict(params: Mapping, config: EncoderConfig) -> dict[str, np.ndarray]:
+  """HF tensors for `params`, named as `<Family>ForSequenceClassification.save_pretrained`
+  writes them (`bert.` / `roberta.` prefix on the base model; BERT's pooler inside it,
+  XLM-R's head as `classifier.dense` / `classifier.out_proj`), or as the base model
+  writes them (no prefix) when num_labels == 0. Linear weights are [out, in], float32.
+  Buffers (`position_ids`, `token_type_ids`) are not persistent in transformers and are
+  not written; no weights are tied in these classes. Without a head kd_jax has no pooler,
+  so load such an export with `AutoModel.from_pretrained(out, add_pooling_layer=False)`
+  (otherwise transformers reports pooler.dense.* missing and initialises it randomly).
+
+  Returns: name -> float32 numpy array.
+  Raises: ValueError listing every leaf of `params` that does not fit `config`.
+  """
+  params = _model_params(params)
+  _check_params(params, config)
+  params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)
+  prefix = None if config.num_labels > 0 else ""
+  return hf_io.params_to_state_dict(params, config, prefix=prefix)
+
+
+def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir} exists and is not a directory")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to "
+                          "replace it")
+
+
+def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike, *,
+              tokenizer_dir: str | os.PathLike | None = None,
+              id2label: Mapping[int, str] | Sequence[str] | None = None,
+              overwrite: bool = False) -> pathlib.Path:
+  """Writes `params` as a transformers model directory.
+
+  Args:
+    params: the Encoder's `params` collection (numpy or jax arrays, any float dtype,
+      written as float32); a training tree {"model": ..., "proj": ...} or a variables
+      dict {"params": ...} is accepted and only the model parameters are written.
+    config: the EncoderConfig the parameters belong to.
+    out_dir: directory to create. Written into a temporary sibling directory and renamed
+      into place, so a failed export leaves no partial directory behind.
+    tokenizer_dir: directory of the model's tokenizer (read with hf_io.load_tokenizer and
+      written with its save_pretrained); None writes no tokenizer.
+    id2label: class names ({id: name} or a sequence); default LABEL_0.. .
+    overwrite: replace a non-empty `out_dir`.
+  Returns:
+    `out_dir` as a Path.
+  Raises:
+    FileExistsError: `out_dir` is non-empty (and not `overwrite`) or is a file.
+    ValueError: parameters that do not fit `config` (lists every mismatch), bad
+      id2label, or a tokenizer that cannot be loaded or has more ids than vocab_size.
+  """
+  out_dir = pathlib.Path(out_dir).expanduser().absolute()
+  _prepare_out_dir(out_dir, overwrite)
+  # Everything that can fail on bad input is done before anything is written.
+  state_dict = export_state_dict(params, config)
+  tokenizer = hf_io.load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+  if tokenizer is not None and len(tokenizer) > config.vocab_size:
+    raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} ids but the model's "
+                     f"vocab_size is {config.vocab_size}")
+  hf_config = hf_config_dict(config, id2label=id2label, tokenizer=tokenizer)
+
+  from safetensors.numpy import save_file
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  old = None
+  try:
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    _prepare_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
+    if out_dir.exists():  # empty, or overwrite: move it aside, then swap in the new one
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      os.replace(out_dir, old / "d")
+    os.replace(tmp, out_dir)
+  except BaseException:
+    if old is not None and not out_dir.exists():
+      os.replace(old / "d", out_dir)  # put the previous export back
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  logging.info("exported %s (%s, %d tensors)", out_dir, hf_config["architectures"][0],
+               len(state_dict))
+  return out_dir
+
+
+def stage_labels(info: Mapping, num_labels: int) -> tuple[str, ...] | None:
+  """Class names for a stage's model_config.json: its recorded `labels`, else tsm's
+  names for data "tsm" or (no record) any 3-class model, else None (LABEL_i)."""
+  if info.get("labels"):
+    return tuple(info["labels"])
+  if info.get("data") == "tsm" or (info.get("data") is None and num_labels == 3):
+    return TSM_LABELS
+  return None
+
+
+def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 overwrite: bool = False, labels: Sequence[str] | None = None,
+                 tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Exports the best-val parameters of a finished stage (`<workdir>/student` or `teacher`).
+
+  Reads `<stage_dir>/model_config.json`, restores `checkpoints/best`, and takes the
+  tokenizer of the stage's `base_model` (resolved with hf_io.resolve_model_dir) unless
+  `tokenizer_dir` is given. Class names: `labels`, else those recorded for the stage
+  (tsm: negative / neutral / positive), else LABEL_i.
+  Raises:
+    FileNotFoundError: no model_config.json or no best checkpoint (names the path).
+    FileExistsError, ValueError: as export_hf.
+  """
+  from kd_jax import train  # heavy imports (orbax, clu) only when needed
+  stage_dir = pathlib.Path(stage_dir)
+  config, info = train._load_model_config(stage_dir)
+  params = train.restore_best_params(stage_dir, config)
+  if tokenizer_dir is None and info.get("base_model"):
+    tokenizer_dir = hf_io.resolve_model_dir(info["base_model"])
+  if labels is None:
+    labels = stage_labels(info, config.num_labels)
+  return export_hf(params, config, out_dir, tokenizer_dir=tokenizer_dir, id2label=labels,
+                   overwrite=overwrite)
+
+
+def find_stage_dir(workdir: str | os.PathLike, stage: str | None = None) -> pathlib.Path:
+  """The stage directory to export: `workdir` itself when it holds model_config.json
+  (and no `stage` is asked for), else `<workdir>/<stage>`, by default `student` when
+  present, else `teacher`.
+  Raises FileNotFoundError naming what was looked for."""
+  workdir = pathlib.Path(workdir)
+  if stage is not None:
+    if stage not in STAGE_DIRS:
+      raise ValueError(f"stage={stage!r}; choose from {list(STAGE_DIRS)}")
+    candidate = workdir / STAGE_DIRS[stage]
+    if (candidate / "model_config.json").exists():
+      return candidate
+    if (workdir / "model_config.json").exists():
+      info = json.loads((workdir / "model_config.json").read_text())
+      if info.get("stage") == {"student": "distill", "teacher": "finetune_teacher"}[stage]:
+        return workdir
+    raise FileNotFoundError(f"{candidate / 'model_config.json'} does not exist: no finished "
+                            f"{stage} stage in {workdir}")
+  if (workdir / "model_config.json").exists():
+    return workdir
+  for name in ("student", "teacher"):
+    if (workdir / name / "model_config.json").exists():
+      return workdir / name
+  raise FileNotFoundError(f"{workdir}: neither a stage directory (model_config.json) nor a "
+                          "run directory with student/ or teacher/")
+
+
+def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  parser = argparse.ArgumentParser(
+      prog="python -m kd_jax.export",
+      description="Export a trained kd_jax stage as a Hugging Face transformers directory.")
+  parser.add_argument("--workdir", required=True,
+                      help="run directory (holding student/ and teacher/) or a stage directory")
+  parser.add_argument("--out", required=True, help="output directory (created)")
+  parser.add_argument("--stage", choices=sorted(STAGE_DIRS), default=None,
+                      help="which stage of a run directory (default: student if present)")
+  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  parser.add_argument("--labels", default=None,
+                      help="comma-separated class names (default: the stage's, e.g. tsm's)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  stage_dir = find_stage_dir(args.workdir, args.stage)
+  labels = tuple(args.labels.split(",")) if args.labels else None
+  out = export_stage(stage_dir, args.out, overwrite=args.overwrite, labels=labels)
+  print(f"exported {stage_dir} -> {out}")
+  return out
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
