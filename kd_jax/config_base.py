@@ -60,16 +60,33 @@ def base_config() -> ml_collections.ConfigDict:
       init="from_teacher",        # from_teacher | from_base | from_scratch (paper §2.2)
       num_layers=6,
       hidden_size=0,              # 0 -> the teacher's; narrower slices weights evenly
-      layer_map=(),               # 1-based teacher layer per student layer; () -> k = i * divisor
+      layer_map=(),               # 1-based teacher layer per student layer; () -> the strategy
+      # which teacher layer initialises student layer m (N teacher, M student layers):
+      # uniform g(m) = m*N/M (paper eq. 5) | top g(m) = m+N-M | bottom g(m) = m | explicit
+      layer_map_strategy="uniform",
       train=train_config(),
   ))
 
   config.distill = ml_collections.ConfigDict(dict(
       kd=True,                    # False: cross-entropy only (NON-KD)
-      # TinyBERT terms + cross-entropy, paper §2.1: L = L_att + L_hid + L_embd + L_pred + L_clf
-      weights=ml_collections.ConfigDict(dict(att=1.0, hid=1.0, embd=1.0, pred=1.0, clf=1.0)),
+      # TinyBERT terms + cross-entropy, paper §2.1: L = L_att + L_hid + L_embd + L_pred + L_clf.
+      # Off by default: soft_ce (Hinton soft cross-entropy, T^2-scaled), pkd (PKD normalised
+      # [CLS] MSE over mapped layers), cos (DistilBERT 1 - cos, last layer), att_kl (KL of
+      # attention distributions over mapped layers), minilm (MiniLM last-layer attention KL +
+      # value-relation KL). See kd_jax.losses.distillation_loss.
+      weights=ml_collections.ConfigDict(dict(att=1.0, hid=1.0, embd=1.0, pred=1.0, clf=1.0,
+                                             soft_ce=0.0, pkd=0.0, cos=0.0, att_kl=0.0,
+                                             minilm=0.0)),
       prediction_loss="mse",      # mse (paper) | kl (Hinton et al., scaled by T^2)
-      temperature=1.0,
+      temperature=1.0,            # of pred with kl, and of soft_ce
+      # alpha >= 0: L = alpha * L_clf + (1 - alpha) * sum_k w_k L_k over the KD terms, and
+      # weights.clf is ignored (experiment plan: alpha = 0.2 best). < 0: off, plain sum.
+      alpha=-1.0,
+      # Layer map of the layer-wise losses (att, hid, pkd, att_kl): "" -> the student's
+      # initialisation map; else uniform | top | bottom | last (only student layer M <-
+      # teacher layer N) | explicit (with layer_map).
+      layer_map_strategy="",
+      layer_map=(),               # explicit 1-based teacher layer per student layer
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis

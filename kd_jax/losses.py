@@ -2,8 +2,11 @@
 
 Implements the TinyBERT-style objective used by "The Privileged Students"
 (Wibowo et al., 2024, §2.1, eqs. 1-4), following TinyBERT (Jiao et al., 2020),
-plus the classical soft-target KL loss of Hinton et al. (2015) and the
-supervised cross-entropy ``L_clf``.
+plus the classical soft-target KL / soft cross-entropy of Hinton et al. (2015),
+PKD's normalised [CLS] loss (Sun et al., 2019), DistilBERT's cosine loss
+(Sanh et al., 2019), attention-distribution KL (Aguilar et al., 2020) and
+MiniLM's attention + value-relation KL (Wang et al., 2020), and the supervised
+cross-entropy ``L_clf``.
 
 Conventions
 -----------
@@ -13,6 +16,10 @@ Conventions
 * ``attention_mask``: ``[B, T]`` int/float/bool, 1 for real tokens, 0 for padding.
 * ``example_weights``: ``[B]`` float, 1 for a real example and 0 for a padding
   row that only exists to keep batch shapes static.
+* ``layer_map``: one entry per student layer, the 1-based teacher layer it
+  learns from, or ``None`` for an unmapped student layer (e.g. the "last"
+  strategy of :func:`kd_jax.student_init.layer_map_for`); layer-wise losses
+  average over the mapped layers only.
 
 Every "mean" in this module is a pooled mean over *real* elements only
 (elements of examples with weight 0 and padded token positions contribute
@@ -48,12 +55,28 @@ __all__ = [
     "layerwise_hidden_mse",
     "logits_mse",
     "logits_kl",
+    "soft_cross_entropy",
+    "cls_pkd",
+    "layerwise_cls_pkd",
+    "hidden_cosine",
+    "attention_kl",
+    "layerwise_attention_kl",
+    "value_relation_kl",
+    "minilm_loss",
     "cross_entropy",
+    "apply_alpha",
     "distillation_loss",
+    "LAYERWISE_TERMS",
+    "PROJECTION_KEYS",
 ]
 
 #: Valid term names for :func:`distillation_loss` ``weights``.
-DISTILL_TERMS = ("att", "hid", "embd", "pred", "clf")
+DISTILL_TERMS = ("att", "hid", "embd", "pred", "soft_ce", "pkd", "cos", "att_kl",
+                 "minilm", "clf")
+#: Terms that use the layer map.
+LAYERWISE_TERMS = ("att", "hid", "pkd", "att_kl")
+#: Valid keys of ``projections`` (one learnable ``[H_S, H_T]`` kernel per term).
+PROJECTION_KEYS = ("hid", "embd", "pkd", "cos")
 #: Valid values of ``prediction_loss`` in :func:`distillation_loss`.
 PREDICTION_LOSSES = ("mse", "kl")
 
@@ -86,8 +109,13 @@ def _token_weights(attention_mask, example_weights) -> jax.Array:
     return mask * w[:, None]
 
 
-def _check_layer_map(layer_map: Sequence[int], num_student: int,
-                     num_teacher: int, what: str) -> list[int]:
+def _check_layer_map(layer_map: Sequence[Optional[int]], num_student: int,
+                     num_teacher: int, what: str) -> list[tuple[int, int]]:
+    """Validated ``[(student index 0-based, teacher layer 1-based), ...]``.
+
+    ``None`` entries (unmapped student layers) are skipped; at least one entry
+    must be mapped.
+    """
     layer_map = list(layer_map)
     if len(layer_map) != num_student:
         raise ValueError(
@@ -95,15 +123,19 @@ def _check_layer_map(layer_map: Sequence[int], num_student: int,
             f"must equal the number of student layers ({num_student})")
     out = []
     for i, k in enumerate(layer_map, start=1):
+        if k is None:
+            continue
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise ValueError(
-                f"{what}: layer_map entries must be ints (1-based teacher layers); "
-                f"entry for student layer {i} is {k!r} (layer_map={layer_map})")
+                f"{what}: layer_map entries must be ints (1-based teacher layers) "
+                f"or None; entry for student layer {i} is {k!r} (layer_map={layer_map})")
         if not 1 <= int(k) <= num_teacher:
             raise ValueError(
                 f"{what}: layer_map[{i - 1}]={k} (student layer {i}) is out of "
                 f"range 1..{num_teacher} teacher layers (layer_map={layer_map})")
-        out.append(int(k))
+        out.append((i - 1, int(k)))
+    if not out:
+        raise ValueError(f"{what}: layer_map={layer_map} maps no student layer")
     return out
 
 
@@ -243,12 +275,13 @@ def hidden_mse(student_hidden, teacher_hidden, attention_mask, example_weights,
 
 
 def layerwise_attention_mse(student_scores_seq, teacher_scores_seq,
-                            layer_map: Sequence[int], attention_mask,
+                            layer_map: Sequence[Optional[int]], attention_mask,
                             example_weights) -> jax.Array:
     """Attention loss over mapped layers, ``L_att`` (eq. 1).
 
     ``L_att = (1/l) sum_{i=1..l} attention_mse(A_S^i, A_T^{k(i)})`` with
-    ``k(i) = layer_map[i-1]`` (Wibowo et al. 2024, eq. 1 with the mapping of
+    ``k(i) = layer_map[i-1]``, ``l`` the number of mapped (non-None) entries
+    (Wibowo et al. 2024, eq. 1 with the mapping of
     eq. 5, e.g. ``k = 2i``; TinyBERT, Jiao et al. 2020).
 
     Args:
@@ -256,7 +289,8 @@ def layerwise_attention_mse(student_scores_seq, teacher_scores_seq,
         (student layers 1..l).
       teacher_scores_seq: sequence of ``L`` arrays ``[B, h_T, T, T]``
         (teacher layers 1..L).
-      layer_map: ``l`` 1-based teacher layer numbers (static Python ints).
+      layer_map: one 1-based teacher layer (static Python int) or None per
+        student layer.
       attention_mask: ``[B, T]``.
       example_weights: ``[B]`` float.
 
@@ -267,17 +301,18 @@ def layerwise_attention_mse(student_scores_seq, teacher_scores_seq,
                           len(teacher_scores_seq), "layerwise_attention_mse")
     terms = [attention_mse(student_scores_seq[i], teacher_scores_seq[k - 1],
                            attention_mask, example_weights)
-             for i, k in enumerate(lm)]
+             for i, k in lm]
     return sum(terms) / len(terms)
 
 
 def layerwise_hidden_mse(student_hidden_seq, teacher_hidden_seq,
-                         layer_map: Sequence[int], attention_mask,
+                         layer_map: Sequence[Optional[int]], attention_mask,
                          example_weights, projection=None) -> jax.Array:
     """Hidden-state loss over mapped layers, ``L_hid`` (eq. 2).
 
     ``L_hid = (1/l) sum_{i=1..l} hidden_mse(H_S^i W, H_T^{k(i)})`` with
-    ``k(i) = layer_map[i-1]`` (Wibowo et al. 2024, eq. 2; TinyBERT,
+    ``k(i) = layer_map[i-1]``, ``l`` the number of mapped (non-None) entries
+    (Wibowo et al. 2024, eq. 2; TinyBERT,
     Jiao et al. 2020).  The sequences hold only transformer-layer outputs
     (index 0 = layer 1); the embedding output is handled separately (eq. 3).
     One shared projection ``W`` is used for all layers, as in TinyBERT.
@@ -285,7 +320,8 @@ def layerwise_hidden_mse(student_hidden_seq, teacher_hidden_seq,
     Args:
       student_hidden_seq: sequence of ``l`` arrays ``[B, T, H_S]``.
       teacher_hidden_seq: sequence of ``L`` arrays ``[B, T, H_T]``.
-      layer_map: ``l`` 1-based teacher layer numbers (static Python ints).
+      layer_map: one 1-based teacher layer (static Python int) or None per
+        student layer.
       attention_mask: ``[B, T]``.
       example_weights: ``[B]`` float.
       projection: optional ``[H_S, H_T]`` kernel (required if widths differ).
@@ -297,7 +333,7 @@ def layerwise_hidden_mse(student_hidden_seq, teacher_hidden_seq,
                           len(teacher_hidden_seq), "layerwise_hidden_mse")
     terms = [hidden_mse(student_hidden_seq[i], teacher_hidden_seq[k - 1],
                         attention_mask, example_weights, projection)
-             for i, k in enumerate(lm)]
+             for i, k in lm]
     return sum(terms) / len(terms)
 
 
@@ -369,6 +405,304 @@ def logits_kl(student_logits, teacher_logits, example_weights,
     return jnp.square(temp) * _safe_div(jnp.sum(kl * w), jnp.sum(w))
 
 
+def soft_cross_entropy(student_logits, teacher_logits, example_weights,
+                       temperature=1.0) -> jax.Array:
+    """Soft-target cross-entropy (Hinton et al. 2015), scaled by ``T^2``.
+
+    ``L = -T^2 * sum_b w_b sum_c p_T[b,c] log p_S[b,c] / sum_b w_b`` with
+    ``p_T = softmax(z_T / T)``, ``p_S = softmax(z_S / T)`` (survey "Knowledge
+    Distillation for Multilingual Transformers", Hinton loss ``L_H``; the
+    DistilBERT / PKD soft-label loss; TinyBERT eq. 10).  It equals
+    :func:`logits_kl` plus ``T^2`` times the teacher entropy (a constant w.r.t.
+    the student, so gradients are identical; the value is not 0 at the optimum).
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float.
+      example_weights: ``[B]`` float, 0 for padding rows.
+      temperature: positive scalar (Python float or traced scalar).
+
+    Returns:
+      float32 scalar.
+    """
+    s, t = _f32(student_logits), _f32(teacher_logits)
+    _check_logits(s, t)
+    w = _f32(example_weights)
+    temp = _f32(temperature)
+    valid = (w > 0)[:, None]
+    s = jnp.where(valid, s, 0.0)
+    t = jnp.where(valid, t, 0.0)
+    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
+    pt = jax.nn.softmax(t / temp, axis=-1)
+    ce = -jnp.sum(pt * log_ps, axis=-1)                  # [B]
+    return jnp.square(temp) * _safe_div(jnp.sum(ce * w), jnp.sum(w))
+
+
+_NORM_EPS = 1e-12
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / max(||x||_2, eps)`` along the last axis (NaN-free gradient at 0)."""
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS ** 2))
+
+
+def _project(s: jax.Array, t_width: int, projection, what: str) -> jax.Array:
+    """``s @ projection`` (``[..., H_S] -> [..., H_T]``); requires it iff widths differ."""
+    if projection is not None:
+        p = _f32(projection)
+        if p.shape != (s.shape[-1], t_width):
+            raise ValueError(
+                f"{what}: projection must be [H_S, H_T]=[{s.shape[-1]}, {t_width}]; "
+                f"got {p.shape}")
+        return jnp.einsum("...h,hk->...k", s, p, precision=jax.lax.Precision.HIGHEST)
+    if s.shape[-1] != t_width:
+        raise ValueError(
+            f"{what}: student hidden width {s.shape[-1]} != teacher hidden width "
+            f"{t_width}; pass projection of shape [{s.shape[-1]}, {t_width}]")
+    return s
+
+
+def cls_pkd(student_hidden, teacher_hidden, example_weights,
+            projection=None) -> jax.Array:
+    """PKD loss for one layer pair: distance of L2-normalised ``[CLS]`` states.
+
+    ``L = sum_b w_b || c_S[b] / ||c_S[b]|| - c_T[b] / ||c_T[b]|| ||_2^2 / sum_b w_b``
+    with ``c = H[:, 0]`` the ``[CLS]`` (first-token) hidden state, ``c_S``
+    projected by ``projection`` first when given.  Patient KD, Sun et al. 2019,
+    eq. 5 (``L_PT``; survey eq. 6 ``L_MSECLS``); per example it is the squared
+    Euclidean distance summed over hidden units (not averaged), in ``[0, 4]``
+    and equal to ``2 - 2 cos(c_S, c_T)``.
+
+    Args:
+      student_hidden: ``[B, T, H_S]`` float.
+      teacher_hidden: ``[B, T, H_T]`` float.
+      example_weights: ``[B]`` float, 0 for padding rows.
+      projection: optional ``[H_S, H_T]`` kernel (required if widths differ).
+
+    Returns:
+      float32 scalar.
+    """
+    s, t = _f32(student_hidden), _f32(teacher_hidden)
+    if s.ndim != 3 or t.ndim != 3 or s.shape[:2] != t.shape[:2]:
+        raise ValueError(
+            f"hidden states must be [B, T, H] with matching B, T; got student "
+            f"{s.shape}, teacher {t.shape}")
+    w = _f32(example_weights)
+    valid = (w > 0)[:, None]
+    cs = jnp.where(valid, s[:, 0], 0.0)
+    ct = jnp.where(valid, t[:, 0], 0.0)
+    cs = _project(cs, ct.shape[-1], projection, "cls_pkd")
+    d = jnp.sum(jnp.square(_l2_normalize(cs) - _l2_normalize(ct)), axis=-1)  # [B]
+    return _safe_div(jnp.sum(d * w), jnp.sum(w))
+
+
+def layerwise_cls_pkd(student_hidden_seq, teacher_hidden_seq,
+                      layer_map: Sequence[Optional[int]], example_weights,
+                      projection=None) -> jax.Array:
+    """PKD over mapped layers: ``(1/l) sum_i cls_pkd(H_S^i, H_T^{k(i)})``.
+
+    Sun et al. 2019 sum over layers; we average (like ``L_att``/``L_hid``) so
+    the weight does not depend on the number of mapped layers.  PKD-Skip is the
+    "uniform" map, PKD-Last the "top" map of
+    :func:`kd_jax.student_init.layer_map_for` (PKD leaves the last layer to the
+    prediction loss; here it is included whenever the map includes it).
+
+    Args:
+      student_hidden_seq: ``l`` arrays ``[B, T, H_S]`` (layers 1..l).
+      teacher_hidden_seq: ``L`` arrays ``[B, T, H_T]`` (layers 1..L).
+      layer_map: one 1-based teacher layer or None per student layer (static).
+      example_weights: ``[B]`` float.
+      projection: optional ``[H_S, H_T]`` kernel shared by all layers.
+
+    Returns:
+      float32 scalar.
+    """
+    lm = _check_layer_map(layer_map, len(student_hidden_seq),
+                          len(teacher_hidden_seq), "layerwise_cls_pkd")
+    terms = [cls_pkd(student_hidden_seq[i], teacher_hidden_seq[k - 1],
+                     example_weights, projection) for i, k in lm]
+    return sum(terms) / len(terms)
+
+
+def hidden_cosine(student_hidden, teacher_hidden, attention_mask,
+                  example_weights, projection=None) -> jax.Array:
+    """Cosine embedding loss on hidden states (DistilBERT, Sanh et al. 2019).
+
+    ``L = sum_{b,t} w_b m_bt (1 - cos(H_S[b,t] W, H_T[b,t])) / sum_{b,t} w_b m_bt``
+
+    i.e. the mean over real tokens of real examples of one minus the cosine
+    similarity of the token vectors (survey eq. 8 ``L_COShidn``; DistilBERT's
+    ``L_cos`` with target 1, as ``torch.nn.CosineEmbeddingLoss``).  Norms are
+    clamped at ``1e-12`` so a zero vector gives cos 0 and a finite gradient.
+
+    Args:
+      student_hidden: ``[B, T, H_S]`` float.
+      teacher_hidden: ``[B, T, H_T]`` float.
+      attention_mask: ``[B, T]``, 1 for real tokens.
+      example_weights: ``[B]`` float, 0 for padding rows.
+      projection: optional ``[H_S, H_T]`` kernel (required if widths differ).
+
+    Returns:
+      float32 scalar in ``[0, 2]``.
+    """
+    s, t = _f32(student_hidden), _f32(teacher_hidden)
+    if s.ndim != 3 or t.ndim != 3 or s.shape[:2] != t.shape[:2]:
+        raise ValueError(
+            f"hidden states must be [B, T, H] with matching B, T; got student "
+            f"{s.shape}, teacher {t.shape}")
+    w = _token_weights(attention_mask, example_weights)   # [B, T]
+    valid = (w > 0)[:, :, None]
+    s = jnp.where(valid, s, 0.0)
+    t = jnp.where(valid, t, 0.0)
+    s = _project(s, t.shape[-1], projection, "hidden_cosine")
+    cos = jnp.sum(_l2_normalize(s) * _l2_normalize(t), axis=-1)  # [B, T]
+    return _safe_div(jnp.sum((1.0 - cos) * w), jnp.sum(w))
+
+
+_MASKED_LOGIT = -1e9
+
+
+def _match_heads(s: jax.Array, t: jax.Array, axis: int) -> jax.Array:
+    """Teacher heads paired with the student's (:func:`select_heads`) along ``axis``."""
+    h_s, h_t = s.shape[axis], t.shape[axis]
+    if h_s == h_t:
+        return t
+    return jnp.take(t, jnp.asarray(select_heads(h_t, h_s)), axis=axis)
+
+
+def attention_kl(student_scores, teacher_scores, attention_mask,
+                 example_weights) -> jax.Array:
+    """KL between attention distributions of one layer, from pre-softmax scores.
+
+    ``P = softmax_k(A[b, j, q, k] restricted to real keys k)`` for student and
+    teacher (padded keys get probability 0; the model's scores are unmasked,
+    so the mask is applied here), then
+
+    ``L = sum_{b,j,q} w_b m_bq KL(P_T[b,s(j),q,:] || P_S[b,j,q,:])
+          / (h_S * sum_{b,q} w_b m_bq)``
+
+    i.e. the mean over student heads and real query tokens of real examples of
+    the row-wise KL (SID, Aguilar et al. 2020, ``L_KLAtt``; MiniLM, Wang et al.
+    2020, eq. 5 ``L_AT``).  ``s = select_heads(h_T, h_S)`` pairs heads when the
+    counts differ.  Masked keys are replaced with ``jnp.where`` before the
+    softmax, so ``-inf``/NaN there cannot leak into the value or gradient.
+
+    Args:
+      student_scores: ``[B, h_S, T, T]`` float, pre-softmax ``QK^T/sqrt(d_k)``.
+      teacher_scores: ``[B, h_T, T, T]`` float.
+      attention_mask: ``[B, T]``, 1 for real tokens.
+      example_weights: ``[B]`` float, 0 for padding rows.
+
+    Returns:
+      float32 scalar.
+    """
+    s, t = _f32(student_scores), _f32(teacher_scores)
+    if s.ndim != 4 or t.ndim != 4:
+        raise ValueError(
+            f"attention scores must be [B, h, T, T]; got student {s.shape}, "
+            f"teacher {t.shape}")
+    if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+        raise ValueError(
+            f"student/teacher attention scores disagree on B/T: student "
+            f"{s.shape}, teacher {t.shape}")
+    t = _match_heads(s, t, axis=1)
+    mask = _f32(attention_mask)
+    q_w = _token_weights(mask, example_weights)          # [B, Tq]
+    key_valid = (mask > 0)[:, None, None, :]             # [B, 1, 1, Tk]
+    s = jnp.where(key_valid, s, _MASKED_LOGIT)
+    t = jnp.where(key_valid, t, _MASKED_LOGIT)
+    log_ps = jax.nn.log_softmax(s, axis=-1)
+    log_pt = jax.nn.log_softmax(t, axis=-1)
+    kl = jnp.where(key_valid, jnp.exp(log_pt) * (log_pt - log_ps), 0.0)
+    kl = jnp.sum(kl, axis=-1)                            # [B, h, Tq]
+    kl = jnp.where((q_w > 0)[:, None, :], kl, 0.0)
+    num = jnp.sum(kl * q_w[:, None, :])
+    return _safe_div(num, s.shape[1] * jnp.sum(q_w))
+
+
+def layerwise_attention_kl(student_scores_seq, teacher_scores_seq,
+                           layer_map: Sequence[Optional[int]], attention_mask,
+                           example_weights) -> jax.Array:
+    """``(1/l) sum_i attention_kl(A_S^i, A_T^{k(i)})`` over mapped layers.
+
+    Args:
+      student_scores_seq: ``l`` arrays ``[B, h_S, T, T]`` (pre-softmax, unmasked).
+      teacher_scores_seq: ``L`` arrays ``[B, h_T, T, T]``.
+      layer_map: one 1-based teacher layer or None per student layer (static).
+      attention_mask: ``[B, T]``.
+      example_weights: ``[B]`` float.
+
+    Returns:
+      float32 scalar.
+    """
+    lm = _check_layer_map(layer_map, len(student_scores_seq),
+                          len(teacher_scores_seq), "layerwise_attention_kl")
+    terms = [attention_kl(student_scores_seq[i], teacher_scores_seq[k - 1],
+                          attention_mask, example_weights) for i, k in lm]
+    return sum(terms) / len(terms)
+
+
+def _value_relation_scores(v: jax.Array) -> jax.Array:
+    """``[B, T, h, d] -> [B, h, T, T]``: ``V V^T / sqrt(d)`` per head."""
+    return jnp.einsum("bqhd,bkhd->bhqk", v, v,
+                      precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(
+                          jnp.float32(v.shape[-1]))
+
+
+def value_relation_kl(student_values, teacher_values, attention_mask,
+                      example_weights) -> jax.Array:
+    """MiniLM value-relation transfer for one layer (Wang et al. 2020, eq. 6-7).
+
+    ``VR = softmax(V V^T / sqrt(d_k))`` per head (``d_k`` each model's own head
+    size, so student and teacher widths may differ), masked to real keys, and
+    ``L_VR = mean_{heads, real queries} KL(VR_T || VR_S)`` exactly as
+    :func:`attention_kl` applied to the relation scores (heads paired by
+    :func:`select_heads` when the counts differ; MiniLM itself assumes equal
+    counts).
+
+    Args:
+      student_values: ``[B, T, h_S, d_S]`` value projections of the layer.
+      teacher_values: ``[B, T, h_T, d_T]``.
+      attention_mask: ``[B, T]``, 1 for real tokens.
+      example_weights: ``[B]`` float, 0 for padding rows.
+
+    Returns:
+      float32 scalar.
+    """
+    vs, vt = _f32(student_values), _f32(teacher_values)
+    if vs.ndim != 4 or vt.ndim != 4 or vs.shape[:2] != vt.shape[:2]:
+        raise ValueError(
+            f"values must be [B, T, h, d] with matching B, T; got student "
+            f"{vs.shape}, teacher {vt.shape}")
+    return attention_kl(_value_relation_scores(vs), _value_relation_scores(vt),
+                        attention_mask, example_weights)
+
+
+def minilm_loss(student_scores, teacher_scores, student_values, teacher_values,
+                attention_mask, example_weights) -> jax.Array:
+    """MiniLM deep self-attention distillation: ``L = L_AT + L_VR`` (Wang et al. 2020, eq. 8).
+
+    Both on the *last* transformer layer of student and teacher:
+    ``L_AT = attention_kl(A_S^M, A_T^N)`` and
+    ``L_VR = value_relation_kl(V_S^M, V_T^N)``.
+
+    Args:
+      student_scores: ``[B, h_S, T, T]`` pre-softmax scores of the student's last layer.
+      teacher_scores: ``[B, h_T, T, T]`` of the teacher's last layer.
+      student_values: ``[B, T, h_S, d_S]`` value projections of the student's last layer.
+      teacher_values: ``[B, T, h_T, d_T]`` of the teacher's last layer.
+      attention_mask: ``[B, T]``.
+      example_weights: ``[B]`` float.
+
+    Returns:
+      float32 scalar.
+    """
+    return (attention_kl(student_scores, teacher_scores, attention_mask, example_weights)
+            + value_relation_kl(student_values, teacher_values, attention_mask,
+                                example_weights))
+
+
 def cross_entropy(logits, labels, example_weights) -> jax.Array:
     """Classification loss ``L_clf = CE(z_S, GT)`` (Wibowo et al. 2024, §2.1).
 
@@ -413,19 +747,52 @@ def _is_static_zero(v: Any) -> bool:
         return False
 
 
+def _last_hidden(out) -> jax.Array:
+    h = getattr(out, "last_hidden_state", None)
+    return h if h is not None else out.hidden_states[-1]
+
+
+def apply_alpha(weights: Mapping[str, Any], alpha) -> dict[str, Any]:
+    """Effective weights of the α-weighted objective.
+
+    ``alpha`` None or a concrete negative number: ``weights`` unchanged.
+    Otherwise ``total = α L_clf + (1 - α) sum_{k != clf} w_k L_k``: the returned
+    weights are ``{clf: α, k: (1 - α) w_k}`` and ``weights["clf"]`` is ignored
+    (experiment plan, "Experiment 3: varying loss weights": higher α means
+    less distillation; α = 0.2 was best there; DistilBERT's convex combination
+    in the survey is the same idea).
+
+    Raises:
+      ValueError: a concrete ``alpha > 1``.
+    """
+    if alpha is None:
+        return dict(weights)
+    if not isinstance(alpha, jax.core.Tracer):
+        if float(alpha) < 0:
+            return dict(weights)
+        if float(alpha) > 1:
+            raise ValueError(f"alpha={alpha} must be in [0, 1] (or negative: off)")
+        alpha = float(alpha)
+    out = {k: (1.0 - alpha) * v for k, v in weights.items() if k != "clf"}
+    out["clf"] = alpha
+    return out
+
+
 def distillation_loss(student_out, teacher_out, batch, *,
                       weights: Mapping[str, float],
-                      layer_map: Sequence[int],
+                      layer_map: Sequence[Optional[int]],
                       prediction_loss: str = "mse",
                       temperature=1.0,
                       projections: Optional[Mapping[str, Any]] = None,
+                      alpha=None,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted TinyBERT-style objective ``L_overall = L_KD + L_clf``.
+    """Weighted distillation objective ``L_overall = L_KD + L_clf``.
 
-    ``total = w_att L_att + w_hid L_hid + w_embd L_embd + w_pred L_pred
-              + w_clf L_clf`` (Wibowo et al. 2024, §2.1: eqs. 1-4, ``L_KD`` and
-    ``L_overall``; with all KD weights 1 and ``w_clf = 1`` this is exactly the
-    paper's objective).  Terms:
+    ``total = sum_k w_k L_k`` over the terms below (Wibowo et al. 2024, §2.1:
+    with ``att, hid, embd, pred`` and ``clf`` all weighted 1 this is exactly
+    the paper's TinyBERT-style objective).  With ``alpha >= 0`` the total is
+    instead ``alpha * L_clf + (1 - alpha) * sum_{k != clf} w_k L_k`` and
+    ``w_clf`` is ignored (:func:`apply_alpha`).  Terms (``DISTILL_TERMS``):
 
     * ``att``: :func:`layerwise_attention_mse` on ``attention_scores`` (eq. 1).
     * ``hid``: :func:`layerwise_hidden_mse` on ``hidden_states`` (eq. 2),
@@ -434,7 +801,17 @@ def distillation_loss(student_out, teacher_out, batch, *,
       ``projections["embd"]``.
     * ``pred``: :func:`logits_mse` (eq. 4) if ``prediction_loss == "mse"`` or
       :func:`logits_kl` with ``temperature`` if ``"kl"`` (Hinton et al. 2015).
+    * ``soft_ce``: :func:`soft_cross_entropy` with ``temperature`` (Hinton).
+    * ``pkd``: :func:`layerwise_cls_pkd` on ``hidden_states`` (PKD, Sun et al.
+      2019), projection ``projections["pkd"]``.
+    * ``cos``: :func:`hidden_cosine` on the last layer's hidden states
+      (``last_hidden_state``, DistilBERT), projection ``projections["cos"]``.
+    * ``att_kl``: :func:`layerwise_attention_kl` on ``attention_scores``.
+    * ``minilm``: :func:`minilm_loss` on the last layer's ``attention_scores``
+      and ``values`` (MiniLM, Wang et al. 2020).
     * ``clf``: :func:`cross_entropy` against ``batch["labels"]``.
+
+    ``att``, ``hid``, ``pkd`` and ``att_kl`` use ``layer_map`` (mapped layers only).
 
     A term whose weight is absent or a concrete 0 is not computed at all, so
     the model need not return the corresponding intermediates (and
@@ -443,26 +820,30 @@ def distillation_loss(student_out, teacher_out, batch, *,
 
     Args:
       student_out, teacher_out: objects with attributes ``logits [B, C]``,
+        ``last_hidden_state [B, T, H]`` (optional; else ``hidden_states[-1]``),
         ``embeddings [B, T, H]``, ``hidden_states`` (tuple of ``[B, T, H]``,
-        layers 1..L) and ``attention_scores`` (tuple of ``[B, h, T, T]``,
-        layers 1..L, pre-softmax, unmasked).
+        layers 1..L), ``attention_scores`` (tuple of ``[B, h, T, T]``, layers
+        1..L, pre-softmax, unmasked) and ``values`` (tuple of ``[B, T, h, d]``).
       batch: mapping with ``attention_mask [B, T]``, ``labels [B]`` (needed for
         ``clf``) and ``example_mask [B]`` (example weights; all ones if
         absent).
       weights: mapping from term names in ``DISTILL_TERMS`` to floats.
-      layer_map: 1-based teacher layer per student layer (static).
+      layer_map: one 1-based teacher layer (or None: unmapped) per student
+        layer (static).
       prediction_loss: ``"mse"`` or ``"kl"``.
-      temperature: KL temperature (only used for ``"kl"``).
-      projections: optional ``{"hid": [H_S, H_T], "embd": [H_S, H_T]}``.
+      temperature: temperature of ``pred`` with ``"kl"`` and of ``soft_ce``.
+      projections: optional ``{key: [H_S, H_T]}`` for keys in ``PROJECTION_KEYS``.
+      alpha: None or negative: off; in ``[0, 1]``: α weighting (see above).
 
     Returns:
       ``(total, terms)`` where ``total`` is a float32 scalar and ``terms`` is
       ``{"loss": total, <term>: unweighted value, ...}`` for computed terms.
 
     Raises:
-      ValueError: unknown term name or prediction_loss, no non-zero weight,
-        ``teacher_out is None`` with a KD term weighted, bad ``layer_map``, or
-        hidden-width mismatch without a projection.
+      ValueError: unknown term name (lists the valid ones) or prediction_loss,
+        no non-zero weight, ``teacher_out is None`` with a KD term weighted,
+        bad ``layer_map``, alpha > 1, or hidden-width mismatch without a
+        projection.
     """
     unknown = sorted(set(weights) - set(DISTILL_TERMS))
     if unknown:
@@ -473,16 +854,17 @@ def distillation_loss(student_out, teacher_out, batch, *,
             f"unknown prediction_loss {prediction_loss!r}; valid values are "
             f"{list(PREDICTION_LOSSES)}")
     projections = dict(projections or {})
-    bad_proj = sorted(set(projections) - {"hid", "embd"})
+    bad_proj = sorted(set(projections) - set(PROJECTION_KEYS))
     if bad_proj:
         raise ValueError(
-            f"unknown projection key(s) {bad_proj}; valid keys are ['hid', 'embd']")
+            f"unknown projection key(s) {bad_proj}; valid keys are {list(PROJECTION_KEYS)}")
+    weights = apply_alpha(weights, alpha)
 
     active = [(name, weights[name]) for name in DISTILL_TERMS
               if name in weights and not _is_static_zero(weights[name])]
     if not active:
         raise ValueError(
-            f"no loss term has a non-zero weight (weights={dict(weights)})")
+            f"no loss term has a non-zero weight (weights={dict(weights)}, alpha={alpha})")
     kd_active = [n for n, _ in active if n != "clf"]
     if teacher_out is None and kd_active:
         raise ValueError(
@@ -494,7 +876,7 @@ def distillation_loss(student_out, teacher_out, batch, *,
         ex_w = batch["example_mask"]
     else:
         ex_w = jnp.ones((jnp.shape(logits)[0],), jnp.float32)
-    attn_mask = batch.get("attention_mask")  # only needed by att/hid/embd
+    attn_mask = batch.get("attention_mask")  # only needed by token-level terms
 
     terms: dict[str, jax.Array] = {}
     for name, _ in active:
@@ -516,6 +898,25 @@ def distillation_loss(student_out, teacher_out, batch, *,
             else:
                 terms[name] = logits_kl(logits, teacher_out.logits, ex_w,
                                         temperature)
+        elif name == "soft_ce":
+            terms[name] = soft_cross_entropy(logits, teacher_out.logits, ex_w,
+                                             temperature)
+        elif name == "pkd":
+            terms[name] = layerwise_cls_pkd(
+                student_out.hidden_states, teacher_out.hidden_states, layer_map,
+                ex_w, projections.get("pkd"))
+        elif name == "cos":
+            terms[name] = hidden_cosine(
+                _last_hidden(student_out), _last_hidden(teacher_out), attn_mask,
+                ex_w, projections.get("cos"))
+        elif name == "att_kl":
+            terms[name] = layerwise_attention_kl(
+                student_out.attention_scores, teacher_out.attention_scores,
+                layer_map, attn_mask, ex_w)
+        elif name == "minilm":
+            terms[name] = minilm_loss(
+                student_out.attention_scores[-1], teacher_out.attention_scores[-1],
+                student_out.values[-1], teacher_out.values[-1], attn_mask, ex_w)
         elif name == "clf":
             terms[name] = cross_entropy(logits, batch["labels"], ex_w)
 

@@ -14,6 +14,9 @@ teacher layer ``k = i * divisor`` with ``divisor = N // M`` for an
 ``N``-layer teacher and ``M``-layer student; for 12 -> 6 this is
 ``(2, 4, ..., 12)``, i.e. "the second self-attention layer of the teacher
 model will be mapped to the first self-attention layer of the student".
+:func:`layer_map_for` also offers the survey's "top", "bottom" and "last"
+mappings (the latter for losses only) and explicit maps; :func:`resolve_layer_maps`
+gives the initialisation map and the (possibly different) loss map of a run.
 
 Width reduction (§2.2, following Xu et al. 2024, "Initializing Models with
 Larger Ones"): along every dimension where the student is smaller than the
@@ -53,6 +56,11 @@ __all__ = [
     "evenly_spaced_indices",
     "uniform_layer_map",
     "resolve_layer_map",
+    "LAYER_MAP_STRATEGIES",
+    "INIT_LAYER_MAP_STRATEGIES",
+    "layer_map_for",
+    "layer_pairs",
+    "resolve_layer_maps",
     "count_layers",
     "copy_from",
     "init_student",
@@ -191,6 +199,128 @@ def resolve_layer_map(
             )
         out.append(int(k))
     return tuple(out)
+
+
+#: Layer-mapping strategies ``g(m)`` (survey eq. 5): student layer ``m`` (1-based)
+#: learns from teacher layer ``g(m)``; N teacher layers, M student layers.
+LAYER_MAP_STRATEGIES = ("uniform", "top", "bottom", "last", "explicit")
+#: Strategies that map *every* student layer, so they can initialise one ("last" cannot).
+INIT_LAYER_MAP_STRATEGIES = ("uniform", "top", "bottom", "explicit")
+
+
+def layer_map_for(
+    strategy: str,
+    num_teacher_layers: int,
+    num_student_layers: int,
+    explicit: Sequence[int] | None = None,
+) -> tuple[int | None, ...]:
+    """One entry per student layer: the 1-based teacher layer ``g(m)``, or None.
+
+    Strategies (survey "Knowledge Distillation for Multilingual Transformers",
+    eq. 5 and the list after it; N teacher, M student layers, ``m = 1..M``):
+
+    * ``"uniform"``: ``g(m) = m * N / M`` (paper eq. 5/6; needs ``N % M == 0``),
+      12 -> 6 gives ``(2, 4, 6, 8, 10, 12)``.
+    * ``"top"``: ``g(m) = m + N - M`` (the teacher's top M layers),
+      12 -> 6 gives ``(7, ..., 12)``.
+    * ``"bottom"``: ``g(m) = m`` (the teacher's bottom M layers),
+      12 -> 6 gives ``(1, ..., 6)``.
+    * ``"last"``: only ``g(M) = N``; the other student layers are unmapped and
+      their entries are ``None``, 12 -> 6 gives ``(None,)*5 + (12,)``.  The
+      layer-wise losses skip ``None`` entries; a map with ``None`` cannot
+      initialise a student (see ``INIT_LAYER_MAP_STRATEGIES``).
+    * ``"explicit"``: ``explicit`` (length M, entries in 1..N) validated by
+      :func:`resolve_layer_map`.
+
+    ``explicit`` (non-empty) is also accepted with ``strategy="uniform"`` (the
+    config default), where it takes precedence -- so ``student.layer_map`` works
+    as before; combined with ``"top"``, ``"bottom"`` or ``"last"`` it is an error.
+
+    Raises:
+      ValueError: unknown strategy (lists the valid ones), M < 1, M > N,
+        uniform with ``N % M != 0``, ``"explicit"`` without ``explicit``,
+        ``explicit`` with a conflicting strategy, or a bad explicit map.
+    """
+    if strategy not in LAYER_MAP_STRATEGIES:
+        raise ValueError(
+            f"unknown layer map strategy {strategy!r}; valid values: "
+            f"{', '.join(LAYER_MAP_STRATEGIES)}"
+        )
+    n, m = int(num_teacher_layers), int(num_student_layers)
+    explicit = tuple(explicit) if explicit is not None else ()
+    if explicit:
+        if strategy not in ("explicit", "uniform"):
+            raise ValueError(
+                f"an explicit layer map {list(explicit)} was given together with layer map "
+                f"strategy {strategy!r}; use strategy 'explicit' (or 'uniform') with it, "
+                "or drop the explicit map"
+            )
+        return resolve_layer_map(n, m, explicit)
+    if strategy == "explicit":
+        raise ValueError("layer map strategy 'explicit' needs an explicit layer map (length M)")
+    if strategy == "uniform":
+        return uniform_layer_map(n, m)
+    if m < 1 or n < 1:
+        raise ValueError(
+            f"layer counts must be >= 1, got num_teacher_layers={n}, num_student_layers={m}"
+        )
+    if m > n:
+        raise ValueError(
+            f"student has more layers ({m}) than teacher ({n}); cannot build a layer map"
+        )
+    if strategy == "top":
+        return tuple(i + n - m for i in range(1, m + 1))
+    if strategy == "bottom":
+        return tuple(range(1, m + 1))
+    return (None,) * (m - 1) + (n,)  # "last"
+
+
+def layer_pairs(layer_map: Sequence[int | None]) -> tuple[tuple[int, int], ...]:
+    """``((student_layer, teacher_layer), ...)`` for the mapped entries, both 1-based.
+
+    ``layer_pairs((None, None, 12)) == ((3, 12),)``; ``layer_pairs((2, 4)) ==
+    ((1, 2), (2, 4))``.
+    """
+    return tuple((i, int(k)) for i, k in enumerate(layer_map, start=1) if k is not None)
+
+
+def resolve_layer_maps(
+    num_teacher_layers: int,
+    num_student_layers: int,
+    *,
+    student_strategy: str = "uniform",
+    student_layer_map: Sequence[int] | None = None,
+    distill_strategy: str = "",
+    distill_layer_map: Sequence[int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """The initialisation map and the loss map of a distillation run.
+
+    ``init_map = layer_map_for(student_strategy, N, M, student_layer_map)``
+    (config ``student.layer_map_strategy`` / ``student.layer_map``) must map
+    every student layer.  The loss map is ``init_map`` when
+    ``distill_strategy == ""`` and no ``distill_layer_map`` is given (config
+    ``distill.layer_map_strategy`` / ``distill.layer_map``), otherwise
+    ``layer_map_for(distill_strategy or "explicit", N, M, distill_layer_map)``;
+    so e.g. a student initialised with ``"uniform"`` can be distilled with
+    ``"last"``.
+
+    Returns:
+      ``(init_map, loss_map)``, both of length M; ``loss_map`` may hold None.
+    """
+    if student_strategy not in INIT_LAYER_MAP_STRATEGIES:
+        raise ValueError(
+            f"layer map strategy {student_strategy!r} cannot initialise a student (it does "
+            f"not map every student layer); valid values: "
+            f"{', '.join(INIT_LAYER_MAP_STRATEGIES)}"
+        )
+    init_map = layer_map_for(student_strategy, num_teacher_layers, num_student_layers,
+                             student_layer_map or None)
+    distill_layer_map = tuple(distill_layer_map or ())
+    if not distill_strategy and not distill_layer_map:
+        return init_map, init_map
+    loss_map = layer_map_for(distill_strategy or "explicit", num_teacher_layers,
+                             num_student_layers, distill_layer_map or None)
+    return init_map, loss_map
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -72,6 +72,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check("distill.prediction_loss", config.distill.prediction_loss, losses.PREDICTION_LOSSES)
   for term in config.distill.weights:
     check("distill.weights", term, losses.DISTILL_TERMS)
+    if float(config.distill.weights[term]) < 0:
+      raise ValueError(f"config.distill.weights.{term}={config.distill.weights[term]} is negative")
+  check("student.layer_map_strategy", config.student.get("layer_map_strategy", "uniform"),
+        student_init.INIT_LAYER_MAP_STRATEGIES)
+  check("distill.layer_map_strategy", config.distill.get("layer_map_strategy", ""),
+        ("",) + student_init.LAYER_MAP_STRATEGIES)
+  alpha = float(config.distill.get("alpha", -1.0))
+  if alpha > 1:
+    raise ValueError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
   for name in ("teacher", "student"):
     tc = config[name].train
     if tc.batch_size < 1 or tc.eval_batch_size < 1:
@@ -89,7 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _decay_mask(params):
   """Weight decay on matrices and embeddings, not on biases and LayerNorm (HF default)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", "hid", "embd"),
+      lambda path, _: getattr(path[-1], "key", None) in (
+          "kernel", "embedding", *losses.PROJECTION_KEYS),
       params)
 
 
@@ -114,14 +124,18 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int):
 # the compiled steps
 # ---------------------------------------------------------------------------
 def _outputs_needed(weights: Mapping[str, float]) -> dict[str, bool]:
-  return dict(output_embeddings=weights.get("embd", 0) > 0,
-              output_hidden_states=weights.get("hid", 0) > 0,
-              output_attention_scores=weights.get("att", 0) > 0)
+  """Encoder intermediates the weighted loss terms read (cos uses last_hidden_state,
+  which is always returned)."""
+  needs = lambda *terms: any(weights.get(t, 0) > 0 for t in terms)
+  return dict(output_embeddings=needs("embd"),
+              output_hidden_states=needs("hid", "pkd"),
+              output_attention_scores=needs("att", "att_kl", "minilm"),
+              output_values=needs("minilm"))
 
 
 def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: Mapping[str, float],
-                    layer_map: tuple[int, ...], prediction_loss: str, temperature: float,
-                    mesh) -> Any:
+                    layer_map: tuple[int | None, ...], prediction_loss: str, temperature: float,
+                    mesh, alpha: float = -1.0) -> Any:
   """Builds the jitted `train_step(state, teacher_params, batch, rng) -> (state, metrics)`.
 
   Teacher forward (frozen, deterministic, no gradient), student forward with
@@ -129,6 +143,8 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
   parameters (and projections) only, optax update. The state is donated; the batch
   is sharded on the mesh's data axis, everything else replicated.
   metrics: {"loss", one entry per computed term, "grad_norm"} float32 scalars.
+  `layer_map` is the loss map (None entries: unmapped student layers); `alpha` >= 0
+  switches to alpha * clf + (1 - alpha) * KD terms (losses.apply_alpha).
   """
   weights = dict(weights)
   kd = teacher is not None
@@ -148,7 +164,8 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
                                   deterministic=False, rngs={"dropout": dropout_rng}, **outputs)
       return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
                                       layer_map=layer_map, prediction_loss=prediction_loss,
-                                      temperature=temperature, projections=params["proj"])
+                                      temperature=temperature, projections=params["proj"],
+                                      alpha=alpha)
 
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -208,7 +225,14 @@ def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict) -> Enc
                          intermediate_size=int(round(teacher.intermediate_size * ratio)))
 
 
+def _is_primary() -> bool:
+  """Only process 0 writes result files; Orbax coordinates checkpoints across processes."""
+  return jax.process_index() == 0
+
+
 def _write_json_atomic(path: pathlib.Path, obj) -> None:
+  if not _is_primary():
+    return
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, default=str))
   os.replace(tmp, path)
@@ -309,6 +333,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   teacher_model = teacher_params = None
   weights = {"clf": 1.0}
   layer_map: tuple[int, ...] = ()
+  loss_layer_map: tuple[int | None, ...] = ()
+  alpha = -1.0
   if is_teacher:
     model_cfg, params, _ = hf_io.load_pretrained(config.model, num_labels=num_classes,
                                                  init_rng=head_rng, config_overrides=overrides)
@@ -321,8 +347,12 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                        f"{teacher_cfg.num_labels} but {config.data.name} has {num_classes} classes")
     teacher_params = restore_best_params(teacher_dir, teacher_cfg)
     model_cfg = student_config(teacher_cfg, config.student)
-    layer_map = student_init.resolve_layer_map(teacher_cfg.num_layers, model_cfg.num_layers,
-                                               tuple(config.student.layer_map) or None)
+    layer_map, loss_layer_map = student_init.resolve_layer_maps(
+        teacher_cfg.num_layers, model_cfg.num_layers,
+        student_strategy=config.student.get("layer_map_strategy", "uniform"),
+        student_layer_map=tuple(config.student.layer_map) or None,
+        distill_strategy=config.distill.get("layer_map_strategy", ""),
+        distill_layer_map=tuple(config.distill.get("layer_map", ())) or None)
     random_params = init_params(model_cfg, init_rng)
     base_params = None
     if config.student.init == "from_base":
@@ -336,6 +366,9 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                    student_init.describe_provenance(provenance))
     if config.distill.kd:
       weights = {k: float(v) for k, v in config.distill.weights.items() if float(v) > 0}
+      alpha = float(config.distill.get("alpha", -1.0))
+      logging.info("distill: weights %s, alpha %s, loss layer map %s", weights, alpha,
+                   list(loss_layer_map))
       teacher_model = Encoder(teacher_cfg)
       teacher_params = sharding.replicate(teacher_params, mesh)
     else:
@@ -350,15 +383,18 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   stage_dir.mkdir(parents=True, exist_ok=True)
   _save_model_config(stage_dir, model_cfg, {"stage": stage, "base_model": config.model,
                                              "layer_map": list(layer_map),
-                                             "init": None if is_teacher else config.student.init})
+                                             "loss_layer_map": list(loss_layer_map),
+                                             "init": None if is_teacher else config.student.init,
+                                             "data": config.data.name,
+                                             "labels": list(data.labels)})
 
   student = Encoder(model_cfg.replace(**overrides))
   proj = {}
   if teacher_model is not None and model_cfg.hidden_size != teacher_model.config.hidden_size:
     shape = (model_cfg.hidden_size, teacher_model.config.hidden_size)
-    keys = jax.random.split(proj_rng, 2)
-    proj = {name: 0.02 * jax.random.normal(k, shape) for name, k in zip(("hid", "embd"), keys)
-            if weights.get(name, 0) > 0}
+    keys = jax.random.split(proj_rng, len(losses.PROJECTION_KEYS))
+    proj = {name: 0.02 * jax.random.normal(k, shape)
+            for name, k in zip(losses.PROJECTION_KEYS, keys) if weights.get(name, 0) > 0}
   trainable = {"model": jax.tree.map(jnp.asarray, params), "proj": proj}
   tx, schedule = make_optimizer(tc, num_steps)
   state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
@@ -376,9 +412,10 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
         if (stage_dir / "val.json").exists() else -1.0
     best_metrics = _read_json(stage_dir / "val.json") if (stage_dir / "val.json").exists() else None
 
-  train_step = make_train_step(student, teacher_model, tx, weights=weights, layer_map=layer_map,
+  train_step = make_train_step(student, teacher_model, tx, weights=weights,
+                               layer_map=loss_layer_map,
                                prediction_loss=config.distill.prediction_loss,
-                               temperature=config.distill.temperature, mesh=mesh)
+                               temperature=config.distill.temperature, mesh=mesh, alpha=alpha)
   predict = make_predict_step(Encoder(model_cfg), mesh)
   eval_kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                      pad_id=data.pad_id, mesh=mesh, num_classes=num_classes,
@@ -410,7 +447,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
       best.save(step, args=ocp.args.StandardSave(state.params["model"]),
                 metrics={"val_macro_f1": score})
       best.wait_until_finished()  # val.json must never point at an unfinished checkpoint
-      evaluation.write_results(stage_dir, "val", best_metrics, language_names)
+      if _is_primary():
+        evaluation.write_results(stage_dir, "val", best_metrics, language_names)
 
   epoch_iter = None
   stop_after = tc.get("stop_after_steps", -1)
@@ -453,7 +491,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   test_metrics = evaluate(predict, params_best, data.test, **eval_kwargs)
   test_metrics.update(step=best.best_step(), stage=stage,
                       train_truncated_fraction=data.train.truncated_fraction)
-  evaluation.write_results(stage_dir, "test", test_metrics, language_names)
+  if _is_primary():
+    evaluation.write_results(stage_dir, "test", test_metrics, language_names)
   writer.write_scalars(step, {"test/macro_f1": test_metrics["overall"]["macro_f1"],
                               "test/avg_macro_f1": test_metrics["avg_macro_f1"]})
   writer.flush()
@@ -487,6 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   names = {"finetune_teacher": "teacher",
            "distill": f"student {config.student.init} {'KD' if config.distill.kd else 'NON-KD'}"}
   table = evaluation.format_markdown_table({names[s]: r for s, r in results.items()}, languages)
-  (workdir / "results.md").write_text(table + "\n")
+  if _is_primary():
+    (workdir / "results.md").write_text(table + "\n")
   print(f"\nTest macro-F1 (%), {workdir}:\n{table}")
   return results

@@ -470,3 +470,414 @@ def test_traced_weights(rng):
     ref = (0.5 * np_logits_mse(stu.logits, tea.logits, WEIGHTS)
            + np_cross_entropy(stu.logits, batch["labels"], WEIGHTS))
     np.testing.assert_allclose(f(jnp.float32(0.5)), ref, rtol=1e-5)
+
+
+# ===========================================================================
+# additional objectives: soft_ce, pkd, cos, att_kl, minilm; layer maps with
+# unmapped (None) layers; alpha weighting
+# ===========================================================================
+def np_soft_ce(s, t, w, temp):
+    """-T^2 sum_c p_T log p_S, mean over real examples (explicit loops)."""
+    vals = []
+    for b in range(len(w)):
+        if w[b] == 0:
+            continue
+        zs = np.float64(s[b]) / temp
+        zt = np.float64(t[b]) / temp
+        log_zs = np.log(sum(np.exp(x - zs.max()) for x in zs)) + zs.max()
+        pt = [np.exp(x) / sum(np.exp(y) for y in zt) for x in zt]
+        vals.append(-temp ** 2 * sum(pt[c] * (zs[c] - log_zs) for c in range(len(zs))))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def np_cls_pkd(s, t, w, proj=None):
+    """sum_d (c_S/|c_S| - c_T/|c_T|)^2 of the [CLS] (token 0) vectors, mean over real rows."""
+    vals = []
+    for b in range(len(w)):
+        if w[b] == 0:
+            continue
+        cs = np.float64(s[b, 0])
+        if proj is not None:
+            cs = cs @ np.float64(proj)
+        ct = np.float64(t[b, 0])
+        ns = np.sqrt(sum(x * x for x in cs))
+        nt = np.sqrt(sum(x * x for x in ct))
+        vals.append(sum((cs[d] / ns - ct[d] / nt) ** 2 for d in range(len(ct))))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def np_hidden_cosine(s, t, mask, w, proj=None):
+    """1 - cos(s_bt, t_bt), mean over real tokens of real examples."""
+    vals = []
+    for b in range(len(w)):
+        if w[b] == 0:
+            continue
+        for tok in range(s.shape[1]):
+            if mask[b, tok] == 0:
+                continue
+            a = np.float64(s[b, tok])
+            if proj is not None:
+                a = a @ np.float64(proj)
+            c = np.float64(t[b, tok])
+            dot = sum(a[d] * c[d] for d in range(len(c)))
+            vals.append(1.0 - dot / (np.sqrt(np.sum(a * a)) * np.sqrt(np.sum(c * c))))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def np_attention_kl(s, t, mask, w):
+    """KL(P_T || P_S) of each row over real keys, mean over student heads and real queries."""
+    s = np.asarray(s, np.float64)
+    t = np.asarray(t, np.float64)
+    hs, ht = s.shape[1], t.shape[1]
+    vals = []
+    for b in range(s.shape[0]):
+        if w[b] == 0:
+            continue
+        keys = [k for k in range(s.shape[-1]) if mask[b, k]]
+        for j in range(hs):
+            jt = (j * ht) // hs
+            for q in keys:
+                zs = np.array([s[b, j, q, k] for k in keys])
+                zt = np.array([t[b, jt, q, k] for k in keys])
+                ps = np.exp(zs - zs.max()) / np.exp(zs - zs.max()).sum()
+                pt = np.exp(zt - zt.max()) / np.exp(zt - zt.max()).sum()
+                vals.append(sum(pt[i] * np.log(pt[i] / ps[i]) for i in range(len(keys))))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def np_value_relation(v):
+    """[B, T, h, d] -> [B, h, T, T] with VR[b, j, q, k] = v_q . v_k / sqrt(d)."""
+    v = np.asarray(v, np.float64)
+    Bv, Tv, hv, dv = v.shape
+    out = np.zeros((Bv, hv, Tv, Tv))
+    for b in range(Bv):
+        for j in range(hv):
+            for q in range(Tv):
+                for k in range(Tv):
+                    out[b, j, q, k] = sum(v[b, q, j, d] * v[b, k, j, d]
+                                          for d in range(dv)) / np.sqrt(dv)
+    return out
+
+
+def np_minilm(ss, st, vs, vt, mask, w):
+    return (np_attention_kl(ss, st, mask, w)
+            + np_attention_kl(np_value_relation(vs), np_value_relation(vt), mask, w))
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 5.0])
+def test_soft_cross_entropy(rng, temp):
+    s = 3 * rng.normal(size=(B, C)).astype(np.float32)
+    t = 3 * rng.normal(size=(B, C)).astype(np.float32)
+    s[WEIGHTS == 0] = np.nan   # padding rows must not matter
+    got = losses.soft_cross_entropy(s, t, WEIGHTS, temp)
+    np.testing.assert_allclose(got, np_soft_ce(s, t, WEIGHTS, temp), rtol=1e-5)
+    # = KL + T^2 * teacher entropy (same gradient as logits_kl)
+    s0 = np.nan_to_num(s)
+    ent = []
+    for b in np.flatnonzero(WEIGHTS):
+        lpt = np_log_softmax(np.float64(t[b]) / temp)
+        ent.append(-np.sum(np.exp(lpt) * lpt))
+    np.testing.assert_allclose(got, np_logits_kl(s0, t, WEIGHTS, temp)
+                               + temp ** 2 * np.mean(ent), rtol=1e-5)
+    g_ce = jax.grad(lambda z: losses.soft_cross_entropy(z, t, WEIGHTS, temp))(s0)
+    g_kl = jax.grad(lambda z: losses.logits_kl(z, t, WEIGHTS, temp))(s0)
+    np.testing.assert_allclose(g_ce, g_kl, atol=1e-6)
+
+
+def test_cls_pkd(rng):
+    s = rng.normal(size=(B, T, 4)).astype(np.float32)
+    t = rng.normal(size=(B, T, 4)).astype(np.float32)
+    s[WEIGHTS == 0] = np.inf
+    s[:, 1:] = np.nan          # only [CLS] (token 0) is used
+    np.testing.assert_allclose(losses.cls_pkd(s, t, WEIGHTS), np_cls_pkd(s, t, WEIGHTS),
+                               rtol=1e-5)
+    # scale invariant, and 2 - 2 cos
+    np.testing.assert_allclose(losses.cls_pkd(3 * s, t, WEIGHTS), np_cls_pkd(s, t, WEIGHTS),
+                               rtol=1e-5)
+    t8 = rng.normal(size=(B, T, 8)).astype(np.float32)
+    proj = rng.normal(size=(4, 8)).astype(np.float32)
+    np.testing.assert_allclose(losses.cls_pkd(s, t8, WEIGHTS, proj),
+                               np_cls_pkd(s, t8, WEIGHTS, proj), rtol=1e-5)
+    with pytest.raises(ValueError, match="projection"):
+        losses.cls_pkd(s, t8, WEIGHTS)
+
+
+def test_hidden_cosine(rng):
+    s = rng.normal(size=(B, T, 4)).astype(np.float32)
+    t = rng.normal(size=(B, T, 4)).astype(np.float32)
+    s_pad = s.copy()
+    s_pad[MASK == 0] = np.nan  # padded tokens / rows must not matter
+    np.testing.assert_allclose(losses.hidden_cosine(s_pad, t, MASK, WEIGHTS),
+                               np_hidden_cosine(s, t, MASK, WEIGHTS), rtol=1e-5)
+    np.testing.assert_allclose(losses.hidden_cosine(2 * t, t, MASK, WEIGHTS), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.hidden_cosine(-t, t, MASK, WEIGHTS), 2.0, rtol=1e-6)
+    t8 = rng.normal(size=(B, T, 8)).astype(np.float32)
+    proj = rng.normal(size=(4, 8)).astype(np.float32)
+    np.testing.assert_allclose(losses.hidden_cosine(s, t8, MASK, WEIGHTS, proj),
+                               np_hidden_cosine(s, t8, MASK, WEIGHTS, proj), rtol=1e-5)
+    with pytest.raises(ValueError, match="projection"):
+        losses.hidden_cosine(s, t8, MASK, WEIGHTS)
+
+
+@pytest.mark.parametrize("hs,ht", [(2, 2), (2, 4)])
+def test_attention_kl(rng, hs, ht):
+    s = 2 * rng.normal(size=(B, hs, T, T)).astype(np.float32)
+    t = 2 * rng.normal(size=(B, ht, T, T)).astype(np.float32)
+    ref = np_attention_kl(s, t, MASK, WEIGHTS)
+    np.testing.assert_allclose(losses.attention_kl(s, t, MASK, WEIGHTS), ref, rtol=1e-5)
+    # values at masked keys / queries / rows (even -inf, nan, additive mask) are ignored
+    for fill in (-np.inf, np.nan, -1e9, 1e4):
+        s2, t2 = s.copy(), t.copy()
+        pad = (MASK == 0)
+        s2[np.broadcast_to(pad[:, None, None, :], s2.shape)] = fill
+        t2[np.broadcast_to(pad[:, None, :, None], t2.shape)] = fill
+        np.testing.assert_allclose(losses.attention_kl(s2, t2, MASK, WEIGHTS), ref,
+                                   rtol=1e-5, err_msg=str(fill))
+    # the teacher's own masked probabilities give the same value (softmax of masked scores)
+    t_add = t + np.where(MASK[:, None, None, :] > 0, 0.0, -1e4).astype(np.float32)
+    np.testing.assert_allclose(losses.attention_kl(s, t_add, MASK, WEIGHTS), ref, rtol=1e-5)
+    np.testing.assert_allclose(losses.attention_kl(s, s, MASK, WEIGHTS), 0.0, atol=1e-6)
+
+
+def test_value_relation_and_minilm(rng):
+    vs = rng.normal(size=(B, T, 2, 3)).astype(np.float32)
+    vt = rng.normal(size=(B, T, 2, 5)).astype(np.float32)   # different head size
+    ss = rng.normal(size=(B, 2, T, T)).astype(np.float32)
+    st = rng.normal(size=(B, 2, T, T)).astype(np.float32)
+    ref_vr = np_attention_kl(np_value_relation(vs), np_value_relation(vt), MASK, WEIGHTS)
+    vs_pad = vs.copy()
+    vs_pad[MASK == 0] = np.nan                               # padded tokens are ignored
+    np.testing.assert_allclose(losses.value_relation_kl(vs_pad, vt, MASK, WEIGHTS), ref_vr,
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.minilm_loss(ss, st, vs, vt, MASK, WEIGHTS),
+                               np_minilm(ss, st, vs, vt, MASK, WEIGHTS), rtol=1e-5)
+
+
+def test_layerwise_new_terms_with_unmapped_layers(rng):
+    stu_h = [rng.normal(size=(B, T, 4)).astype(np.float32) for _ in range(3)]
+    tea_h = [rng.normal(size=(B, T, 4)).astype(np.float32) for _ in range(6)]
+    stu_a = [rng.normal(size=(B, 2, T, T)).astype(np.float32) for _ in range(3)]
+    tea_a = [rng.normal(size=(B, 2, T, T)).astype(np.float32) for _ in range(6)]
+    for lm in [(2, 4, 6), (4, 5, 6), (None, None, 6), (1, None, 3)]:
+        pairs = [(i, k) for i, k in enumerate(lm) if k is not None]
+        np.testing.assert_allclose(
+            losses.layerwise_cls_pkd(stu_h, tea_h, lm, WEIGHTS),
+            np.mean([np_cls_pkd(stu_h[i], tea_h[k - 1], WEIGHTS) for i, k in pairs]), rtol=1e-5)
+        np.testing.assert_allclose(
+            losses.layerwise_attention_kl(stu_a, tea_a, lm, MASK, WEIGHTS),
+            np.mean([np_attention_kl(stu_a[i], tea_a[k - 1], MASK, WEIGHTS) for i, k in pairs]),
+            rtol=1e-5)
+        # the TinyBERT terms skip unmapped layers too
+        np.testing.assert_allclose(
+            losses.layerwise_hidden_mse(stu_h, tea_h, lm, MASK, WEIGHTS),
+            np.mean([np_hidden_mse(stu_h[i], tea_h[k - 1], MASK, WEIGHTS) for i, k in pairs]),
+            rtol=1e-5)
+        np.testing.assert_allclose(
+            losses.layerwise_attention_mse(stu_a, tea_a, lm, MASK, WEIGHTS),
+            np.mean([np_attention_mse(stu_a[i], tea_a[k - 1], MASK, WEIGHTS)
+                     for i, k in pairs]), rtol=1e-5)
+    with pytest.raises(ValueError, match="maps no student layer"):
+        losses.layerwise_cls_pkd(stu_h, tea_h, (None, None, None), WEIGHTS)
+    with pytest.raises(ValueError, match="out of range"):
+        losses.layerwise_attention_kl(stu_a, tea_a, (None, None, 7), MASK, WEIGHTS)
+    with pytest.raises(ValueError, match="len"):
+        losses.layerwise_attention_kl(stu_a, tea_a, (None, 6), MASK, WEIGHTS)
+
+
+def test_new_terms_zero_weight_batch_and_finite_grads(rng):
+    zero_w = np.zeros_like(WEIGHTS)
+    s = rng.normal(size=(B, T, 4)).astype(np.float32)
+    a = rng.normal(size=(B, 2, T, T)).astype(np.float32)
+    a_inf = np.where(MASK[:, None, None, :] > 0, a, -np.inf).astype(np.float32)
+    v = rng.normal(size=(B, T, 2, 3)).astype(np.float32)
+    z = rng.normal(size=(B, C)).astype(np.float32)
+    for val in (losses.cls_pkd(s, s, zero_w), losses.hidden_cosine(s, s, MASK, zero_w),
+                losses.attention_kl(a, a, MASK, zero_w),
+                losses.value_relation_kl(v, v, MASK, zero_w),
+                losses.soft_cross_entropy(z, z, zero_w)):
+        assert float(val) == 0.0
+    zeros = np.zeros_like(s)   # zero vectors: clamped norms, finite gradient
+    g = jax.grad(lambda x: losses.cls_pkd(x, s, WEIGHTS) + losses.hidden_cosine(
+        x, s, MASK, WEIGHTS))(zeros)
+    assert np.all(np.isfinite(g))
+    g = jax.grad(lambda x, y: losses.attention_kl(x, a_inf, MASK, WEIGHTS)
+                 + losses.value_relation_kl(y, v, MASK, WEIGHTS), argnums=(0, 1))(a_inf, v)
+    assert all(np.all(np.isfinite(x)) for x in g)
+
+
+# ---------------------------------------------------------------------------
+# dispatcher with the new terms, alpha
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class FullOut:
+    logits: object = None
+    last_hidden_state: object = None
+    embeddings: object = None
+    hidden_states: tuple = None
+    attention_scores: tuple = None
+    values: tuple = None
+
+
+def make_full_outputs(rng, L, h, H, d):
+    hidden = tuple(rng.normal(size=(B, T, H)).astype(np.float32) for _ in range(L))
+    return FullOut(
+        logits=2 * rng.normal(size=(B, C)).astype(np.float32),
+        last_hidden_state=hidden[-1],
+        embeddings=rng.normal(size=(B, T, H)).astype(np.float32),
+        hidden_states=hidden,
+        attention_scores=tuple(rng.normal(size=(B, h, T, T)).astype(np.float32)
+                               for _ in range(L)),
+        values=tuple(rng.normal(size=(B, T, h, d)).astype(np.float32) for _ in range(L)),
+    )
+
+
+NEW_WEIGHTS = {"soft_ce": 0.5, "pkd": 2.0, "cos": 1.5, "att_kl": 0.75, "minilm": 0.25,
+               "clf": 1.0}
+
+
+def new_reference_terms(stu, tea, batch, proj, layer_map, temp):
+    pairs = [(i, k) for i, k in enumerate(layer_map) if k is not None]
+    return {
+        "soft_ce": np_soft_ce(stu.logits, tea.logits, WEIGHTS, temp),
+        "pkd": np.mean([np_cls_pkd(stu.hidden_states[i], tea.hidden_states[k - 1], WEIGHTS,
+                                   proj.get("pkd")) for i, k in pairs]),
+        "cos": np_hidden_cosine(stu.hidden_states[-1], tea.hidden_states[-1], MASK, WEIGHTS,
+                                proj.get("cos")),
+        "att_kl": np.mean([np_attention_kl(stu.attention_scores[i],
+                                           tea.attention_scores[k - 1], MASK, WEIGHTS)
+                           for i, k in pairs]),
+        "minilm": np_minilm(stu.attention_scores[-1], tea.attention_scores[-1],
+                            stu.values[-1], tea.values[-1], MASK, WEIGHTS),
+        "clf": np_cross_entropy(stu.logits, batch["labels"], WEIGHTS),
+    }
+
+
+@pytest.mark.parametrize("layer_map,temp,widths", [((2, 4), 1.0, (4, 4)),
+                                                   ((None, 4), 3.0, (4, 8))])
+def test_distillation_loss_new_terms(rng, layer_map, temp, widths):
+    hs_, ht_ = widths
+    stu = make_full_outputs(rng, L=2, h=2, H=hs_, d=3)
+    tea = make_full_outputs(rng, L=4, h=2, H=ht_, d=4)
+    batch = make_batch(rng)
+    proj = {} if hs_ == ht_ else {k: rng.normal(size=(hs_, ht_)).astype(np.float32)
+                                  for k in ("pkd", "cos")}
+    total, terms = losses.distillation_loss(
+        stu, tea, batch, weights=NEW_WEIGHTS, layer_map=layer_map, temperature=temp,
+        projections=proj)
+    ref = new_reference_terms(stu, tea, batch, proj, layer_map, temp)
+    assert set(terms) == {"loss", *NEW_WEIGHTS}
+    for k, v in ref.items():
+        np.testing.assert_allclose(terms[k], v, rtol=1e-4, err_msg=k)
+    np.testing.assert_allclose(total, sum(NEW_WEIGHTS[k] * ref[k] for k in ref), rtol=1e-4)
+
+    # jit (static layer map) and finite gradients
+    @jax.jit
+    def f(s_tuple):
+        return losses.distillation_loss(FullOut(*s_tuple), tea, batch, weights=NEW_WEIGHTS,
+                                        layer_map=layer_map, temperature=temp,
+                                        projections=proj)[0]
+    val, g = jax.value_and_grad(f)(dataclasses.astuple(stu))
+    np.testing.assert_allclose(val, total, rtol=1e-5)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(g))
+
+
+def test_distillation_loss_cos_falls_back_to_hidden_states(rng):
+    stu = make_outputs(rng, L=2, h=2, H=4)   # Out has no last_hidden_state
+    tea = make_outputs(rng, L=4, h=2, H=4)
+    batch = make_batch(rng)
+    _, terms = losses.distillation_loss(stu, tea, batch, weights={"cos": 1.0}, layer_map=(2, 4))
+    np.testing.assert_allclose(
+        terms["cos"], np_hidden_cosine(stu.hidden_states[-1], tea.hidden_states[-1], MASK,
+                                       WEIGHTS), rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
+def test_alpha_weighting(rng, alpha):
+    stu = make_full_outputs(rng, L=2, h=2, H=4, d=3)
+    tea = make_full_outputs(rng, L=4, h=2, H=4, d=3)
+    batch = make_batch(rng)
+    weights = {"att": 1.0, "hid": 0.5, "pred": 2.0, "pkd": 1.0, "clf": 7.0}  # clf ignored
+    total, terms = losses.distillation_loss(stu, tea, batch, weights=weights, layer_map=(2, 4),
+                                            alpha=alpha)
+    clf = np_cross_entropy(stu.logits, batch["labels"], WEIGHTS)
+    kd = {
+        "att": np.mean([np_attention_mse(stu.attention_scores[i], tea.attention_scores[k - 1],
+                                         MASK, WEIGHTS) for i, k in enumerate((2, 4))]),
+        "hid": np.mean([np_hidden_mse(stu.hidden_states[i], tea.hidden_states[k - 1], MASK,
+                                      WEIGHTS) for i, k in enumerate((2, 4))]),
+        "pred": np_logits_mse(stu.logits, tea.logits, WEIGHTS),
+        "pkd": np.mean([np_cls_pkd(stu.hidden_states[i], tea.hidden_states[k - 1], WEIGHTS)
+                        for i, k in enumerate((2, 4))]),
+    }
+    ref = alpha * clf + (1 - alpha) * sum(weights[k] * v for k, v in kd.items())
+    np.testing.assert_allclose(total, ref, rtol=1e-4)
+    # terms that get a zero effective weight are not computed
+    expected = {"loss"} | ({"clf"} if alpha > 0 else set()) | (set(kd) if alpha < 1 else set())
+    assert set(terms) == expected
+
+
+def test_alpha_off_and_errors(rng):
+    stu = make_full_outputs(rng, L=2, h=2, H=4, d=3)
+    tea = make_full_outputs(rng, L=4, h=2, H=4, d=3)
+    batch = make_batch(rng)
+    w = {"pred": 2.0, "clf": 3.0}
+    plain, _ = losses.distillation_loss(stu, tea, batch, weights=w, layer_map=(2, 4))
+    for off in (None, -1.0, -0.5):
+        t_off, _ = losses.distillation_loss(stu, tea, batch, weights=w, layer_map=(2, 4),
+                                            alpha=off)
+        np.testing.assert_allclose(t_off, plain)
+    np.testing.assert_allclose(
+        plain, 2 * np_logits_mse(stu.logits, tea.logits, WEIGHTS)
+        + 3 * np_cross_entropy(stu.logits, batch["labels"], WEIGHTS), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"alpha=1.5"):
+        losses.distillation_loss(stu, tea, batch, weights=w, layer_map=(2, 4), alpha=1.5)
+    # alpha = 1: only clf, so no teacher is needed
+    total, terms = losses.distillation_loss(stu, None, batch, weights=w, layer_map=(2, 4),
+                                            alpha=1.0)
+    assert set(terms) == {"loss", "clf"}
+    assert losses.apply_alpha({"pred": 2.0, "clf": 3.0}, 0.2) == pytest.approx(
+        {"pred": 1.6, "clf": 0.2})
+
+
+def test_unknown_term_lists_all_valid_names(rng):
+    stu = make_full_outputs(rng, L=2, h=2, H=4, d=3)
+    batch = make_batch(rng)
+    with pytest.raises(ValueError, match="valid terms are") as e:
+        losses.distillation_loss(stu, stu, batch, weights={"mini_lm": 1.0}, layer_map=(1, 2))
+    for name in ("att", "hid", "embd", "pred", "soft_ce", "pkd", "cos", "att_kl", "minilm",
+                 "clf"):
+        assert f"'{name}'" in str(e.value)
+    with pytest.raises(ValueError, match="valid keys are"):
+        losses.distillation_loss(stu, stu, batch, weights={"cos": 1.0}, layer_map=(1, 2),
+                                 projections={"att": np.zeros((4, 4), np.float32)})
+
+
+# ---------------------------------------------------------------------------
+# the encoder's value projections (MiniLM) and an end-to-end check
+# ---------------------------------------------------------------------------
+def test_encoder_output_values_and_minilm_end_to_end():
+    from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
+    cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=C)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = np.arange(B * T).reshape(B, T).astype(np.int32) % 50
+    model = Encoder(cfg)
+    out = model.apply({"params": params}, ids, MASK, output_values=True,
+                      output_embeddings=True, output_hidden_states=True,
+                      output_attention_scores=True)
+    assert len(out.values) == 2 and out.values[0].shape == (B, T, 4, 4)
+    # layer 1's values are the value projection of the embedding output
+    vp = params["layer_0"]["attention"]["value"]
+    ref = (np.asarray(out.embeddings) @ np.asarray(vp["kernel"]) + np.asarray(vp["bias"]))
+    np.testing.assert_allclose(out.values[0], ref.reshape(B, T, 4, 4), rtol=1e-5, atol=1e-5)
+    # backwards compatible: not returned unless asked; other outputs unchanged
+    plain = model.apply({"params": params}, ids, MASK)
+    assert plain.values is None
+    np.testing.assert_allclose(plain.logits, out.logits, rtol=1e-6)
+    # the model against itself: every new term is 0 (KL/cos/pkd) or the teacher entropy
+    batch = {"attention_mask": MASK, "labels": np.zeros(B, np.int32), "example_mask": WEIGHTS}
+    _, terms = losses.distillation_loss(
+        out, out, batch, weights={"pkd": 1.0, "cos": 1.0, "att_kl": 1.0, "minilm": 1.0},
+        layer_map=(1, 2))
+    for k in ("pkd", "cos", "att_kl", "minilm"):
+        np.testing.assert_allclose(terms[k], 0.0, atol=1e-5, err_msg=k)

@@ -357,3 +357,96 @@ def test_describe_provenance(teacher):
 
 def test_count_layers(teacher):
     assert count_layers(teacher[0]) == 12
+
+
+# --------------------------------------------------------------------------- layer map strategies
+
+from kd_jax import student_init  # noqa: E402
+
+
+def _formula(strategy, n, m):
+    """Survey eq. 5 mapping g(m), written out per student layer m = 1..M."""
+    out = []
+    for i in range(1, m + 1):
+        if strategy == "uniform":
+            out.append(i * n // m)
+        elif strategy == "top":
+            out.append(i + n - m)
+        elif strategy == "bottom":
+            out.append(i)
+        elif strategy == "last":
+            out.append(n if i == m else None)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "top", "bottom", "last"])
+@pytest.mark.parametrize("n,m", [(12, 6), (12, 4), (12, 3), (24, 6)])
+def test_layer_map_for_formulas(strategy, n, m):
+    got = student_init.layer_map_for(strategy, n, m)
+    assert got == _formula(strategy, n, m)
+    assert len(got) == m
+    assert all(k is None or 1 <= k <= n for k in got)
+    pairs = student_init.layer_pairs(got)
+    assert pairs == tuple((i, k) for i, k in enumerate(_formula(strategy, n, m), 1)
+                          if k is not None)
+
+
+def test_layer_map_for_examples():
+    assert student_init.layer_map_for("uniform", 12, 6) == (2, 4, 6, 8, 10, 12)
+    assert student_init.layer_map_for("top", 12, 4) == (9, 10, 11, 12)
+    assert student_init.layer_map_for("bottom", 12, 3) == (1, 2, 3)
+    assert student_init.layer_map_for("last", 24, 6) == (None,) * 5 + (24,)
+    assert student_init.layer_pairs((None, None, 12)) == ((3, 12),)
+    # uniform is the existing eq. 5 map
+    assert student_init.layer_map_for("uniform", 24, 6) == uniform_layer_map(24, 6)
+
+
+def test_layer_map_for_explicit_and_errors():
+    assert student_init.layer_map_for("explicit", 12, 3, [1, 5, 12]) == (1, 5, 12)
+    # the default strategy with an explicit map: the explicit map wins (config compat)
+    assert student_init.layer_map_for("uniform", 12, 3, [1, 5, 12]) == (1, 5, 12)
+    with pytest.raises(ValueError, match="valid values: uniform, top, bottom, last, explicit"):
+        student_init.layer_map_for("skip", 12, 6)
+    with pytest.raises(ValueError, match="needs an explicit"):
+        student_init.layer_map_for("explicit", 12, 6)
+    with pytest.raises(ValueError, match="'top'"):
+        student_init.layer_map_for("top", 12, 3, [1, 2, 3])
+    with pytest.raises(ValueError, match="13"):
+        student_init.layer_map_for("explicit", 12, 2, [1, 13])
+    with pytest.raises(ValueError, match="divisible"):
+        student_init.layer_map_for("uniform", 12, 5)
+    assert student_init.layer_map_for("top", 12, 5) == (8, 9, 10, 11, 12)  # no divisibility
+    for strategy in ("top", "bottom", "last"):
+        with pytest.raises(ValueError, match="more layers"):
+            student_init.layer_map_for(strategy, 4, 6)
+
+
+def test_resolve_layer_maps():
+    # default: the loss map is the init map
+    assert student_init.resolve_layer_maps(12, 6) == ((2, 4, 6, 8, 10, 12),) * 2
+    init, loss = student_init.resolve_layer_maps(12, 4, student_strategy="top",
+                                                 distill_strategy="last")
+    assert init == (9, 10, 11, 12) and loss == (None, None, None, 12)
+    init, loss = student_init.resolve_layer_maps(12, 3, student_layer_map=[2, 7, 12],
+                                                 distill_strategy="bottom")
+    assert init == (2, 7, 12) and loss == (1, 2, 3)
+    init, loss = student_init.resolve_layer_maps(12, 3, student_layer_map=[2, 7, 12])
+    assert loss == init == (2, 7, 12)
+    init, loss = student_init.resolve_layer_maps(12, 3, distill_layer_map=[3, 3, 12])
+    assert init == (4, 8, 12) and loss == (3, 3, 12)
+    with pytest.raises(ValueError, match="cannot initialise"):
+        student_init.resolve_layer_maps(12, 6, student_strategy="last")
+
+
+def test_init_with_top_map(teacher):
+    tree, offsets = teacher
+    student = fill_random(make_tree(4, H=8, I=16))
+    lm = student_init.layer_map_for("top", 12, 4)
+    params, prov = init_student("from_teacher", student, teacher_params=tree, layer_map=lm)
+    _check_copy(params, prov, tree, offsets, lm)
+    assert prov["layer_0/attention/query/kernel"][0] == "layer_8/attention/query/kernel"
+    assert prov["layer_3/attention/query/kernel"][0] == "layer_11/attention/query/kernel"
+    # a "last" map leaves layers unmapped: it cannot initialise a student
+    with pytest.raises(ValueError, match="not an integer"):
+        init_student("from_teacher", student, teacher_params=tree,
+                     layer_map=student_init.layer_map_for("last", 12, 4))

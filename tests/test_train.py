@@ -166,3 +166,48 @@ def test_sharded_step_matches_single_device():
   assert report["batch_sharding_devices"] == 8
   assert report["max_param_diff"] < 1e-5
   assert abs(report["loss_1"] - report["loss_8"]) < 1e-5
+
+
+def test_configs_validate_new_objectives():
+  """Layer-map strategies, alpha and the extra loss weights are checked by name."""
+  config = config_base.base_config()
+  assert config.student.layer_map_strategy == "uniform"
+  assert config.distill.layer_map_strategy == "" and config.distill.alpha == -1.0
+  # the default objective is unchanged: the new terms are off
+  assert {k for k, v in config.distill.weights.items() if v > 0} == {
+      "att", "hid", "embd", "pred", "clf"}
+  train.validate_config(config)
+  config.distill.layer_map_strategy = "last"
+  config.student.layer_map_strategy = "top"
+  config.distill.alpha = 0.2
+  config.distill.weights.minilm = 1.0
+  train.validate_config(config)
+  for field, value, message in [
+      ("student.layer_map_strategy", "last", "config.student.layer_map_strategy='last'"),
+      ("student.layer_map_strategy", "skip", "config.student.layer_map_strategy='skip'"),
+      ("distill.layer_map_strategy", "skip", "config.distill.layer_map_strategy='skip'"),
+      ("distill.alpha", 1.5, "config.distill.alpha=1.5"),
+      ("distill.weights.pkd", -1.0, "config.distill.weights.pkd=-1.0"),
+  ]:
+    bad = config_base.base_config()
+    section, _, key = field.rpartition(".")
+    node = bad
+    for part in section.split("."):
+      node = node[part]
+    node[key] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+      train.validate_config(bad)
+
+
+def test_outputs_needed():
+  none = dict(output_embeddings=False, output_hidden_states=False,
+              output_attention_scores=False, output_values=False)
+  assert train._outputs_needed({"pred": 1.0, "clf": 1.0, "soft_ce": 1.0, "cos": 1.0}) == none
+  assert train._outputs_needed({"att": 0.0, "hid": 0.0}) == none
+  assert train._outputs_needed({"embd": 1.0}) == dict(none, output_embeddings=True)
+  for term in ("hid", "pkd"):
+    assert train._outputs_needed({term: 1.0}) == dict(none, output_hidden_states=True)
+  for term in ("att", "att_kl"):
+    assert train._outputs_needed({term: 1.0}) == dict(none, output_attention_scores=True)
+  assert train._outputs_needed({"minilm": 0.5}) == dict(none, output_attention_scores=True,
+                                                        output_values=True)

@@ -95,6 +95,8 @@ class EncoderOutput:
     attention_scores: tuple of L arrays [B, h, T, T], pre-softmax A = QKᵀ/√d_k
       without the padding mask added (what TinyBERT distills), or None.
     attentions: tuple of L arrays [B, h, T, T], attention probabilities, or None.
+    values: tuple of L arrays [B, T, h, d] (d = head_dim), the per-head value
+      projections V = x W_V + b_V of each layer (MiniLM's value relation), or None.
   """
 
   logits: jax.Array | None
@@ -103,6 +105,7 @@ class EncoderOutput:
   hidden_states: tuple[jax.Array, ...] | None = None
   attention_scores: tuple[jax.Array, ...] | None = None
   attentions: tuple[jax.Array, ...] | None = None
+  values: tuple[jax.Array, ...] | None = None
 
 
 def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
@@ -165,7 +168,7 @@ class SelfAttention(nn.Module):
     dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(cfg.dtype), v)
     out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
-    return out, scores, probs
+    return out, scores, probs, v
 
 
 class EncoderLayer(nn.Module):
@@ -174,7 +177,8 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool):
     cfg = self.config
-    attn, scores, probs = SelfAttention(cfg, name="attention")(x, attention_mask, deterministic)
+    attn, scores, probs, values = SelfAttention(cfg, name="attention")(
+        x, attention_mask, deterministic)
     attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_LayerNorm")(attn + x).astype(cfg.dtype)
     h = _dense(cfg, cfg.intermediate_size, "intermediate")(x)
@@ -182,7 +186,7 @@ class EncoderLayer(nn.Module):
     h = _dense(cfg, cfg.hidden_size, "output")(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     x = _layer_norm(cfg, "output_LayerNorm")(h + x).astype(cfg.dtype)
-    return x, scores, probs
+    return x, scores, probs, values
 
 
 class Encoder(nn.Module):
@@ -199,18 +203,20 @@ class Encoder(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True, output_embeddings: bool = False,
                output_hidden_states: bool = False, output_attention_scores: bool = False,
-               output_attentions: bool = False) -> EncoderOutput:
+               output_attentions: bool = False, output_values: bool = False) -> EncoderOutput:
     cfg = self.config
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     embeddings = x
-    hidden, scores_all, probs_all = [], [], []
+    hidden, scores_all, probs_all, values_all = [], [], [], []
     for i in range(cfg.num_layers):
-      x, scores, probs = EncoderLayer(cfg, name=f"layer_{i}")(x, attention_mask, deterministic)
+      x, scores, probs, values = EncoderLayer(cfg, name=f"layer_{i}")(
+          x, attention_mask, deterministic)
       hidden.append(x)
       scores_all.append(scores)
       probs_all.append(probs)
+      values_all.append(values)
 
     logits = None
     if cfg.num_labels > 0:
@@ -229,6 +235,7 @@ class Encoder(nn.Module):
         hidden_states=tuple(hidden) if output_hidden_states else None,
         attention_scores=tuple(scores_all) if output_attention_scores else None,
         attentions=tuple(probs_all) if output_attentions else None,
+        values=tuple(values_all) if output_values else None,
     )
 
 
