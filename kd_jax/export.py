@@ -64,15 +64,8 @@ def _check_params(params: Mapping, config: EncoderConfig) -> None:
   shapes = [f"{k}: {got[k]} vs config {tuple(ref[k])}" for k in sorted(set(ref) & set(got))
             if tuple(got[k]) != tuple(ref[k])]
   if missing or unexpected or shapes:
-    lines = [f"parameters do not match the EncoderConfig (family={config.family}, "
-             f"layers={config.num_layers}, hidden={config.hidden_size}, "
-             f"num_labels={config.num_labels}):"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", shapes)):
-      if items:
-        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                     + (" ..." if len(items) > 20 else ""))
-    raise ValueError("\n".join(lines))
+    raise ValueError(hf_io.mismatch_message("parameters do not match the EncoderConfig",
+                                            config, missing, unexpected, shapes))
 
 
 def _labels(id2label, num_labels: int) -> dict[int, str]:

@@ -123,6 +123,19 @@ def _get(tree: Mapping, path: tuple[str, ...]):
   return tree
 
 
+def mismatch_message(header: str, config: EncoderConfig, missing, unexpected,
+                     wrong_shape) -> str:
+  """One error text listing missing, unexpected and wrongly-shaped tensors (20 of each)."""
+  lines = [f"{header} (family={config.family}, layers={config.num_layers}, "
+           f"hidden={config.hidden_size}, num_labels={config.num_labels}):"]
+  for title, items in (("missing", missing), ("unexpected", unexpected),
+                       ("wrong shape", wrong_shape)):
+    if items:
+      lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                   + (" ..." if len(items) > 20 else ""))
+  return "\n".join(lines)
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *,
                          init_rng: jax.Array | None = None, allow_missing_head: bool = True,
                          source: str = "checkpoint") -> dict:
@@ -172,15 +185,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EncoderCo
   if allow_missing_head and len(head) == len(missing):
     missing = []
   if missing or unexpected or wrong_shape:
-    lines = [f"{source} does not match the model config "
-             f"(family={config.family}, layers={config.num_layers}, hidden={config.hidden_size}, "
-             f"num_labels={config.num_labels}):"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", wrong_shape)):
-      if items:
-        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                     + (" ..." if len(items) > 20 else ""))
-    raise CheckpointMismatchError("\n".join(lines))
+    raise CheckpointMismatchError(mismatch_message(
+        f"{source} does not match the model config", config, missing, unexpected, wrong_shape))
   if head:
     logging.info("%s has no classification head (%s); initialising it randomly", source,
                  ", ".join(head))

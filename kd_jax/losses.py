@@ -369,6 +369,20 @@ def logits_mse(student_logits, teacher_logits, example_weights) -> jax.Array:
     return _safe_div(num, s.shape[-1] * jnp.sum(w))
 
 
+def _tempered_log_probs(student_logits, teacher_logits, example_weights, temperature):
+    """log softmax(z/T) of student and teacher [B, C] (padding rows zeroed first, so
+    NaN there cannot leak), example weights [B] and T, all float32."""
+    s, t = _f32(student_logits), _f32(teacher_logits)
+    _check_logits(s, t)
+    w = _f32(example_weights)
+    temp = _f32(temperature)
+    valid = (w > 0)[:, None]
+    s = jnp.where(valid, s, 0.0)
+    t = jnp.where(valid, t, 0.0)
+    return (jax.nn.log_softmax(s / temp, axis=-1), jax.nn.log_softmax(t / temp, axis=-1),
+            w, temp)
+
+
 def logits_kl(student_logits, teacher_logits, example_weights,
               temperature=1.0) -> jax.Array:
     """Soft-target KL, ``T^2 * KL(softmax(z_T/T) || softmax(z_S/T))``.
@@ -391,17 +405,9 @@ def logits_kl(student_logits, teacher_logits, example_weights,
     Returns:
       float32 scalar.
     """
-    s, t = _f32(student_logits), _f32(teacher_logits)
-    _check_logits(s, t)
-    w = _f32(example_weights)
-    temp = _f32(temperature)
-    valid = (w > 0)[:, None]
-    s = jnp.where(valid, s, 0.0)
-    t = jnp.where(valid, t, 0.0)
-    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
-    log_pt = jax.nn.log_softmax(t / temp, axis=-1)
-    pt = jnp.exp(log_pt)
-    kl = jnp.sum(pt * (log_pt - log_ps), axis=-1)        # [B]
+    log_ps, log_pt, w, temp = _tempered_log_probs(student_logits, teacher_logits,
+                                                  example_weights, temperature)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)        # [B]
     return jnp.square(temp) * _safe_div(jnp.sum(kl * w), jnp.sum(w))
 
 
@@ -425,16 +431,9 @@ def soft_cross_entropy(student_logits, teacher_logits, example_weights,
     Returns:
       float32 scalar.
     """
-    s, t = _f32(student_logits), _f32(teacher_logits)
-    _check_logits(s, t)
-    w = _f32(example_weights)
-    temp = _f32(temperature)
-    valid = (w > 0)[:, None]
-    s = jnp.where(valid, s, 0.0)
-    t = jnp.where(valid, t, 0.0)
-    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
-    pt = jax.nn.softmax(t / temp, axis=-1)
-    ce = -jnp.sum(pt * log_ps, axis=-1)                  # [B]
+    log_ps, log_pt, w, temp = _tempered_log_probs(student_logits, teacher_logits,
+                                                  example_weights, temperature)
+    ce = -jnp.sum(jnp.exp(log_pt) * log_ps, axis=-1)                  # [B]
     return jnp.square(temp) * _safe_div(jnp.sum(ce * w), jnp.sum(w))
 
 

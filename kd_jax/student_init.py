@@ -127,6 +127,17 @@ def evenly_spaced_indices(n: int, m: int) -> np.ndarray:
     return (np.arange(m, dtype=np.int64) * n) // m
 
 
+def _check_layer_counts(n: int, m: int) -> None:
+    if m < 1 or n < 1:
+        raise ValueError(
+            f"layer counts must be >= 1, got num_teacher_layers={n}, num_student_layers={m}"
+        )
+    if m > n:
+        raise ValueError(
+            f"student has more layers ({m}) than teacher ({n}); cannot build a layer map"
+        )
+
+
 def uniform_layer_map(num_teacher_layers: int, num_student_layers: int) -> tuple[int, ...]:
     """Uniform 1-based layer map of paper eq. 5/6: ``k = i * divisor``.
 
@@ -143,14 +154,7 @@ def uniform_layer_map(num_teacher_layers: int, num_student_layers: int) -> tuple
       ValueError: if M < 1, M > N, or N is not divisible by M.
     """
     n, m = int(num_teacher_layers), int(num_student_layers)
-    if m < 1 or n < 1:
-        raise ValueError(
-            f"layer counts must be >= 1, got num_teacher_layers={n}, num_student_layers={m}"
-        )
-    if m > n:
-        raise ValueError(
-            f"student has more layers ({m}) than teacher ({n}); cannot build a layer map"
-        )
+    _check_layer_counts(n, m)
     if n % m != 0:
         raise ValueError(
             f"num_teacher_layers={n} is not divisible by num_student_layers={m}; "
@@ -260,14 +264,7 @@ def layer_map_for(
         raise ValueError("layer map strategy 'explicit' needs an explicit layer map (length M)")
     if strategy == "uniform":
         return uniform_layer_map(n, m)
-    if m < 1 or n < 1:
-        raise ValueError(
-            f"layer counts must be >= 1, got num_teacher_layers={n}, num_student_layers={m}"
-        )
-    if m > n:
-        raise ValueError(
-            f"student has more layers ({m}) than teacher ({n}); cannot build a layer map"
-        )
+    _check_layer_counts(n, m)
     if strategy == "top":
         return tuple(i + n - m for i in range(1, m + 1))
     if strategy == "bottom":
