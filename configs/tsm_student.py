@@ -12,5 +12,5 @@ from kd_jax.config_base import base_config, train_config
 def get_config():
   config = base_config()
   config.stages = ("distill",)
-  config.student.train = train_config(num_epochs=2.0, learning_rate=1e-4, batch_size=32)
+  config.student.train = train_config(num_epochs=1.0, learning_rate=1e-4, batch_size=32)
   return config
