@@ -1,5 +1,6 @@
 """Entry point: python -m kd_jax.main --config configs/default.py --workdir runs/default"""
 
+import logging as py_logging
 import os
 
 from absl import app, flags, logging
@@ -17,9 +18,17 @@ flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
 
 
+class _QuietCheckpointing(py_logging.Filter):
+  """Orbax logs several INFO lines per save; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietCheckpointing())
   from kd_jax import distributed
   distributed.maybe_initialize(os.environ, distributed=FLAGS.distributed,
                                coordinator_address=FLAGS.coordinator_address,

@@ -159,7 +159,7 @@ def test_sharded_step_matches_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1500)
   assert result.returncode == 0, result.stdout + result.stderr
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8
