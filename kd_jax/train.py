@@ -407,10 +407,9 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   if latest.latest_step() is not None:
     state = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(state))
     logging.info("resumed %s from step %d", stage_dir, int(state.step))
-  if best.best_step() is not None:
-    best_val = _read_json(stage_dir / "val.json").get("overall", {}).get("macro_f1", -1.0) \
-        if (stage_dir / "val.json").exists() else -1.0
-    best_metrics = _read_json(stage_dir / "val.json") if (stage_dir / "val.json").exists() else None
+  if best.best_step() is not None and (stage_dir / "val.json").exists():
+    best_metrics = _read_json(stage_dir / "val.json")  # written after the best save finished
+    best_val = best_metrics["overall"]["macro_f1"]
 
   train_step = make_train_step(student, teacher_model, tx, weights=weights,
                                layer_map=loss_layer_map,
