@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Mapping
 
@@ -50,6 +52,34 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (how TPU VMs, SLURM and Kubernetes preempt) into a flag the loop polls,
+  so it can save a checkpoint and return instead of dying mid-step.
+
+  Use as a context manager; outside the main thread (where signal handlers cannot be
+  installed) it does nothing.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -312,8 +342,11 @@ def load_stage_data(config: ml_collections.ConfigDict, tokenizer) -> StageData:
 # ---------------------------------------------------------------------------
 # one stage
 # ---------------------------------------------------------------------------
-def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
-  """Trains one stage to the end (or resumes it) and returns its test metrics."""
+def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+              preemption: PreemptionGuard | None = None) -> dict:
+  """Trains one stage to the end (or resumes it) and returns its test metrics, or {} when
+  it stopped early (SIGTERM through `preemption`, or train.stop_after_steps)."""
+  preemption = preemption or PreemptionGuard()
   stage_dir = workdir / STAGE_DIRS[stage]
   is_teacher = stage == "finetune_teacher"
   tc = config.teacher.train if is_teacher else config.student.train
@@ -475,11 +508,12 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
       writer.write_scalars(step, scalars)
     if step % tc.eval_every_steps == 0 or step == num_steps:
       do_eval(step)
-    if step % tc.checkpoint_every_steps == 0 or step == num_steps:
+    if step % tc.checkpoint_every_steps == 0 or step == num_steps or preemption.requested:
       latest.save(step, args=ocp.args.StandardSave(state))
-    if 0 < stop_after <= step < num_steps:  # simulated preemption, for resume tests
+    # stop_after_steps simulates a hard kill (no extra save), for resume tests.
+    if preemption.requested or 0 < stop_after <= step < num_steps:
       latest.wait_until_finished()
-      logging.info("stopping after step %d (train.stop_after_steps)", step)
+      logging.info("stopped after step %d; run the same command again to resume", step)
       writer.flush()
       return {}
   latest.wait_until_finished()
@@ -518,9 +552,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("%s already finished (%s); skipping", stage, stage_dir / "test.json")
       results[stage] = _read_json(stage_dir / "test.json")
       continue
-    results[stage] = run_stage(stage, config, workdir, mesh)
+    with PreemptionGuard() as preemption:
+      results[stage] = run_stage(stage, config, workdir, mesh, preemption)
     if not results[stage]:
-      return results  # stopped early (train.stop_after_steps)
+      return results  # stopped early: preempted, or train.stop_after_steps
   languages = list(config.data.languages)
   names = {"finetune_teacher": "teacher",
            "distill": f"student {config.student.init} {'KD' if config.distill.kd else 'NON-KD'}"}

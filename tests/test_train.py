@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -69,6 +70,36 @@ def test_both_stages_then_exact_resume(tiny_model_dir, real_data_dir, tmp_path):
   step_b, b = _latest_params(resumed_dir / "student")
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+
+  # SIGTERM during the student's 4th step: a checkpoint at step 4, a clean return, and
+  # the rerun ends where the uninterrupted run did.
+  preempted_dir = tmp_path / "preempted"
+  make_step = train.make_train_step
+  calls = []
+
+  def make_step_sending_sigterm(*args, **kwargs):
+    step_fn = make_step(*args, **kwargs)
+
+    def wrapped(*a):
+      calls.append(1)
+      if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(*a)
+    return wrapped
+
+  train.make_train_step = make_step_sending_sigterm
+  try:
+    config.stages = ("distill",)
+    config.teacher.checkpoint = str(tmp_path / "full" / "teacher")
+    assert train.train_and_evaluate(config, preempted_dir)["distill"] == {}
+  finally:
+    train.make_train_step = make_step
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert _latest_params(preempted_dir / "student")[0] == 4
+  finished = train.train_and_evaluate(config, preempted_dir)
+  assert finished["distill"]["per_language"] == student["per_language"]
+  jax.tree.map(np.testing.assert_array_equal, a["params"],
+               _latest_params(preempted_dir / "student")[1]["params"])
 
 
 def test_non_kd_narrow_student_from_base(tiny_model_dir, real_data_dir, tmp_path):

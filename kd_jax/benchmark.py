@@ -1,0 +1,422 @@
+"""Throughput of the KD train step: kd_jax beside an equivalent PyTorch step.
+
+    python -m kd_jax.benchmark --teacher_layers 12 --student_layers 6 --hidden 384 \
+        --heads 12 --intermediate 1536 --vocab 250037 --seq_len 128 --batch 32 \
+        --steps 5 --warmup 2
+
+One step = teacher forward (frozen, no gradient) + student forward/backward + AdamW
+update after global-norm clipping, with the TinyBERT objective of the paper
+(att + hid + embd + pred MSE + cross-entropy, all weighted 1, masked to real tokens).
+
+* kd_jax: `kd_jax.train.make_train_step` itself on a 1-device mesh, random init
+  (no checkpoint), `make_optimizer` (AdamW, clip 1.0, weight decay 0.01).
+* PyTorch: transformers `BertForSequenceClassification` teacher (eval, no_grad) and
+  student (train mode, dropout 0.1 as kd_jax), eager attention, the same loss terms
+  with the same masking, `torch.optim.AdamW` with the same decay mask, grad clipping.
+  The attention term is computed on pre-softmax scores QKᵀ/√d (what TinyBERT and
+  kd_jax distil) through a registered attention function that is HF's eager
+  attention returning the unmasked scores instead of the probabilities; with
+  `--torch_attention probs` it uses HF's (post-dropout) probabilities instead.
+
+Inputs are random token ids with lengths uniform in [seq_len/2, seq_len]; tokens/s
+counts real (non-padding) tokens. Times are wall-clock seconds per step after
+compilation (JAX, reported separately) and warmup, synchronised with
+`jax.block_until_ready`. This is a measuring tool, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import sharding
+from kd_jax.config_base import train_config
+from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
+from kd_jax.train import TrainState, make_optimizer, make_train_step
+
+WEIGHTS = {"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}
+NUM_LABELS = 3
+PAD_ID = 0
+
+# Dense peak FLOP/s per GPU (float32 matmuls run as TF32 under JAX's default precision
+# on these GPUs; bf16 for reference). Used only for the MFU line on GPU.
+PEAK_FLOPS = {  # device_kind substring -> (tf32, bf16) FLOP/s
+    "H200": (494.7e12, 989.4e12),
+    "H100": (494.7e12, 989.4e12),
+    "A100": (156e12, 312e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """Model and batch sizes of the benchmark (teacher and student share hidden width)."""
+  teacher_layers: int = 12
+  student_layers: int = 6
+  hidden: int = 384
+  heads: int = 12
+  intermediate: int = 1536
+  vocab: int = 250037
+  seq_len: int = 128
+  batch: int = 32
+
+
+@dataclasses.dataclass
+class Result:
+  """One framework's numbers. Times in seconds; rates per second."""
+  framework: str
+  step_s: float              # mean wall time of one full KD train step
+  examples_per_s: float      # batch / step_s
+  tokens_per_s: float        # real (non-padding) tokens / step_s
+  teacher_forward_s: float   # mean wall time of the teacher forward alone
+  compile_s: float = 0.0     # JAX: lowering + compilation of the train step (0 for torch)
+  loss: float = float("nan")  # loss of the last timed step (sanity check only)
+
+
+def layer_map(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
+  """Uniform map, 1-based teacher layer per student layer: g(m) = m * N / M."""
+  return tuple((m + 1) * teacher_layers // student_layers for m in range(student_layers))
+
+
+def make_batch(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random batch: input_ids int32 [B, T] (PAD_ID after each length), attention_mask
+  int32 [B, T], labels int32 [B], example_mask float32 [B] (all 1).
+  Lengths are uniform in [max(1, T // 2), T]."""
+  rng = np.random.default_rng(seed)
+  b, t = sizes.batch, sizes.seq_len
+  lengths = rng.integers(max(1, t // 2), t + 1, size=b)
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(2, sizes.vocab, size=(b, t)).astype(np.int32) * mask + PAD_ID * (1 - mask)
+  return {"input_ids": ids.astype(np.int32), "attention_mask": mask,
+          "labels": rng.integers(0, NUM_LABELS, size=b).astype(np.int32),
+          "example_mask": np.ones(b, np.float32)}
+
+
+def _time(fn: Callable[[], Any], steps: int) -> float:
+  """Mean wall seconds of `fn()` over `steps` calls, blocked at the end."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
+
+
+# ---------------------------------------------------------------------------
+# kd_jax
+# ---------------------------------------------------------------------------
+def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
+  """(teacher, student) EncoderConfigs: BERT family, dropout 0.1, 3 labels."""
+  teacher = EncoderConfig(family="bert", vocab_size=sizes.vocab, hidden_size=sizes.hidden,
+                          num_layers=sizes.teacher_layers, num_heads=sizes.heads,
+                          intermediate_size=sizes.intermediate, num_labels=NUM_LABELS,
+                          pad_token_id=PAD_ID)
+  return teacher, teacher.replace(num_layers=sizes.student_layers)
+
+
+def bench_jax(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: int = 0) -> Result:
+  """Times kd_jax's own `make_train_step` (and the jitted teacher forward)."""
+  mesh = sharding.create_mesh(1)
+  tcfg, scfg = encoder_configs(sizes)
+  kt, ks = jax.random.split(jax.random.PRNGKey(seed))
+  t_params = jax.jit(init_params, static_argnums=0)(tcfg, kt)
+  s_params = jax.jit(init_params, static_argnums=0)(scfg, ks)
+  tc = train_config()
+  tx, _ = make_optimizer(tc, max(steps + warmup, 10))
+  trainable = {"model": s_params, "proj": {}}
+  state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                        opt_state=tx.init(trainable)), mesh)
+  t_params = sharding.replicate(t_params, mesh)
+  teacher, student = Encoder(tcfg), Encoder(scfg)
+  step_fn = make_train_step(student, teacher, tx, weights=WEIGHTS,
+                            layer_map=layer_map(sizes.teacher_layers, sizes.student_layers),
+                            prediction_loss="mse", temperature=1.0, mesh=mesh)
+  batch = sharding.shard_batch(batch_np, mesh)
+  rng = jax.random.PRNGKey(seed + 1)
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, t_params, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+
+  box = {"state": state, "metrics": None}
+
+  def one_step():
+    box["state"], box["metrics"] = compiled(box["state"], t_params, batch, rng)
+    return box["metrics"]["loss"]
+
+  if warmup:
+    _time(one_step, warmup)
+  step_s = _time(one_step, steps)
+  loss = float(box["metrics"]["loss"])
+
+  @jax.jit
+  def teacher_forward(params, ids, mask):
+    return teacher.apply({"params": params}, ids, mask, deterministic=True,
+                         output_embeddings=True, output_hidden_states=True,
+                         output_attention_scores=True)
+
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  jax.block_until_ready(teacher_forward(t_params, ids, mask))  # compile
+  if warmup:
+    _time(lambda: teacher_forward(t_params, ids, mask), warmup)
+  teacher_s = _time(lambda: teacher_forward(t_params, ids, mask), steps)
+  return _result("kd_jax", sizes, batch_np, step_s, teacher_s, compile_s, loss)
+
+
+def _result(name, sizes, batch_np, step_s, teacher_s, compile_s, loss) -> Result:
+  real_tokens = float(np.sum(batch_np["attention_mask"]))
+  return Result(name, step_s, sizes.batch / step_s, real_tokens / step_s, teacher_s,
+                compile_s, loss)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch (transformers)
+# ---------------------------------------------------------------------------
+SCORES_ATTENTION = "kd_eager_scores"
+
+
+def _register_scores_attention() -> bool:
+  """Registers HF eager attention that returns unmasked pre-softmax scores QKᵀ/√d as its
+  "attention weights" (the output is unchanged). False if this transformers lacks
+  AttentionInterface."""
+  try:
+    import torch
+    from transformers import AttentionInterface
+  except ImportError:
+    return False
+
+  def eager_scores(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   **kwargs):
+    if scaling is None:
+      scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    weights = scores + attention_mask if attention_mask is not None else scores
+    weights = torch.nn.functional.softmax(weights, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, scores
+
+  AttentionInterface.register(SCORES_ATTENTION, eager_scores)
+  return True
+
+
+def torch_loss(s_out, t_out, mask, labels, lmap):
+  """The kd_jax TinyBERT objective in torch, same masking (example weights all 1).
+
+  `s_out`/`t_out`: HF outputs with hidden_states (L+1, [0] = embeddings) and
+  attentions ([B, h, T, T] each). Returns the float32 scalar total."""
+  import torch
+  m = mask.to(torch.float32)                                # [B, T]
+  pair = (m[:, :, None] * m[:, None, :])[:, None]           # [B, 1, T, T]
+  heads = s_out.attentions[0].shape[1]
+  att = sum(((torch.where(pair > 0, s_out.attentions[i], 0.)
+              - torch.where(pair > 0, t_out.attentions[k - 1], 0.)) ** 2 * pair).sum()
+            / (heads * pair.sum()).clamp_min(1.) for i, k in enumerate(lmap)) / len(lmap)
+
+  def hidden_mse(s, t):
+    v = m[:, :, None]
+    return (((s - t) * v) ** 2).sum() / (t.shape[-1] * m.sum()).clamp_min(1.)
+
+  hid = sum(hidden_mse(s_out.hidden_states[i + 1], t_out.hidden_states[k])
+            for i, k in enumerate(lmap)) / len(lmap)
+  embd = hidden_mse(s_out.hidden_states[0], t_out.hidden_states[0])
+  pred = ((s_out.logits - t_out.logits) ** 2).mean()
+  clf = torch.nn.functional.cross_entropy(s_out.logits, labels.long())
+  return att + hid + embd + pred + clf
+
+
+def bench_torch(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: int = 0,
+                attention: str = "scores") -> Result:
+  """Times the equivalent PyTorch KD step (and the teacher forward under no_grad).
+
+  attention: "scores" (pre-softmax, as kd_jax; needs AttentionInterface) or "probs"
+  (HF's eager attention probabilities, post-dropout in the student)."""
+  import torch
+  from transformers import BertConfig, BertForSequenceClassification
+
+  impl = "eager"
+  if attention == "scores" and _register_scores_attention():
+    impl = SCORES_ATTENTION
+  torch.manual_seed(seed)
+
+  def model(layers):
+    cfg = BertConfig(vocab_size=sizes.vocab, hidden_size=sizes.hidden,
+                     num_hidden_layers=layers, num_attention_heads=sizes.heads,
+                     intermediate_size=sizes.intermediate, max_position_embeddings=512,
+                     num_labels=NUM_LABELS, hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1, pad_token_id=PAD_ID,
+                     attn_implementation="eager")
+    mdl = BertForSequenceClassification(cfg)
+    mdl.config._attn_implementation = impl
+    return mdl
+
+  teacher = model(sizes.teacher_layers).eval()
+  student = model(sizes.student_layers).train()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  decay = [p for n, p in student.named_parameters()
+           if not (n.endswith("bias") or "LayerNorm" in n)]
+  no_decay = [p for n, p in student.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+  tc = train_config()
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=tc.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+  ids = torch.from_numpy(batch_np["input_ids"]).long()
+  mask = torch.from_numpy(batch_np["attention_mask"]).long()
+  labels = torch.from_numpy(batch_np["labels"]).long()
+  lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
+  kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+            output_attentions=True)
+
+  def teacher_forward():
+    with torch.no_grad():
+      return teacher(**kw)
+
+  def one_step():
+    t_out = teacher_forward()
+    s_out = student(**kw)
+    loss = torch_loss(s_out, t_out, mask, labels, lmap)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm)
+    opt.step()
+    return loss
+
+  for _ in range(warmup):
+    one_step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = one_step()
+  step_s = (time.perf_counter() - start) / steps
+  for _ in range(warmup):
+    teacher_forward()
+  start = time.perf_counter()
+  for _ in range(steps):
+    teacher_forward()
+  teacher_s = (time.perf_counter() - start) / steps
+  name = "pytorch" + ("" if impl == SCORES_ATTENTION else " (att on probs)")
+  return _result(name, sizes, batch_np, step_s, teacher_s, 0.0, float(loss.detach()))
+
+
+# ---------------------------------------------------------------------------
+# FLOPs (GPU only)
+# ---------------------------------------------------------------------------
+def step_flops(sizes: Sizes) -> float:
+  """Model FLOPs of one KD step on padded tokens B*T:
+  6·P_s·N + 2·P_t·N (P = non-embedding parameters per model, N = B*T tokens) plus
+  attention matmuls (QKᵀ and PV: 4·B·T²·H per layer forward, ×3 for the student's
+  forward + backward)."""
+  h, i = sizes.hidden, sizes.intermediate
+  per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h   # attn, FFN, 2 LayerNorms
+  head = h * h + h + h * NUM_LABELS + NUM_LABELS
+  p_s = sizes.student_layers * per_layer + head
+  p_t = sizes.teacher_layers * per_layer + head
+  n = sizes.batch * sizes.seq_len
+  attn = 4 * sizes.batch * sizes.seq_len ** 2 * h
+  return (6 * p_s * n + 2 * p_t * n
+          + 3 * attn * sizes.student_layers + attn * sizes.teacher_layers)
+
+
+def mfu(sizes: Sizes, step_s: float, peak_flops: float | None = None) -> tuple[float, float]:
+  """(achieved FLOP/s, model-FLOPs utilisation vs the device's dense TF32 peak); the
+  peak comes from `peak_flops` or PEAK_FLOPS by device kind (nan if unknown)."""
+  achieved = step_flops(sizes) / step_s
+  if peak_flops is None:
+    kind = jax.devices()[0].device_kind
+    peak_flops = next((v[0] for k, v in PEAK_FLOPS.items() if k in kind), float("nan"))
+  return achieved, achieved / peak_flops
+
+
+# ---------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------
+def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int | None = None,
+                  frameworks=("kd_jax", "pytorch"), torch_attention: str = "scores",
+                  seed: int = 0) -> dict:
+  """Runs the benchmark; returns {"kd_jax": Result, "pytorch": Result, "ratio": float}
+  where ratio = kd_jax examples/s ÷ PyTorch examples/s (present when both ran)."""
+  batch_np = make_batch(sizes, seed)
+  out: dict[str, Any] = {}
+  if "pytorch" in frameworks:
+    import torch
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+  if "kd_jax" in frameworks:
+    out["kd_jax"] = bench_jax(sizes, batch_np, steps=steps, warmup=warmup, seed=seed)
+  if "pytorch" in frameworks:
+    out["pytorch"] = bench_torch(sizes, batch_np, steps=steps, warmup=warmup, seed=seed,
+                                 attention=torch_attention)
+  if "kd_jax" in out and "pytorch" in out:
+    out["ratio"] = out["kd_jax"].examples_per_s / out["pytorch"].examples_per_s
+  return out
+
+
+def format_table(results: dict, sizes: Sizes) -> str:
+  """The printed table (Markdown)."""
+  rows = [r for k, r in results.items() if isinstance(r, Result)]
+  real = None
+  lines = ["| framework | step s | examples/s | tokens/s (real) | teacher fwd s | "
+           "teacher share | compile s | loss |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r.framework} | {r.step_s:.3f} | {r.examples_per_s:.2f} | "
+                 f"{r.tokens_per_s:.0f} | {r.teacher_forward_s:.3f} | "
+                 f"{r.teacher_forward_s / r.step_s:.0%} | "
+                 f"{r.compile_s:.1f} | {r.loss:.3f} |")
+    real = r.tokens_per_s * r.step_s
+  text = "\n".join(lines)
+  if "ratio" in results:
+    text += f"\n\nkd_jax / PyTorch examples/s: {results['ratio']:.2f}x"
+  text += (f"\n({sizes.batch} examples × {sizes.seq_len} positions, {real:.0f} real tokens "
+           f"per step; teacher {sizes.teacher_layers} / student {sizes.student_layers} layers, "
+           f"hidden {sizes.hidden}, heads {sizes.heads}, FFN {sizes.intermediate}, "
+           f"vocab {sizes.vocab})")
+  return text
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  for name, default in dataclasses.asdict(Sizes()).items():
+    p.add_argument(f"--{name}", type=int, default=default)
+  p.add_argument("--steps", type=int, default=5, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--threads", type=int, default=None,
+                 help="torch intra-op threads (default: all cores); XLA uses all cores "
+                      "unless XLA_FLAGS says otherwise")
+  p.add_argument("--frameworks", default="kd_jax,pytorch")
+  p.add_argument("--torch_attention", choices=("scores", "probs"), default="scores")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="GPU peak for MFU (default: dense TF32 peak by device kind)")
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  sizes = Sizes(**{k: getattr(a, k) for k in dataclasses.asdict(Sizes())})
+  threads = a.threads or os.cpu_count()
+  print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}")
+  results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
+                          frameworks=tuple(a.frameworks.split(",")),
+                          torch_attention=a.torch_attention, seed=a.seed)
+  print(format_table(results, sizes))
+  torch_r = results.get("pytorch")
+  if torch_r is not None:
+    print("PyTorch attention loss on " + (
+        "pre-softmax scores QKᵀ/√d (registered eager variant), as kd_jax"
+        if "probs" not in torch_r.framework else
+        "HF eager attention probabilities (post-softmax, post-dropout in the student), "
+        "not kd_jax's pre-softmax scores"))
+  if jax.default_backend() == "gpu" and "kd_jax" in results:
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else None
+    achieved, util = mfu(sizes, results["kd_jax"].step_s, peak)
+    print(f"kd_jax model FLOPs/step {step_flops(sizes) / 1e12:.3f} TFLOP, "
+          f"{achieved / 1e12:.1f} TFLOP/s, MFU {util:.1%} (of dense TF32 peak)")
+  return results
+
+
+if __name__ == "__main__":
+  main()
