@@ -16,7 +16,6 @@ student checkpoint), TensorBoard events, `model_config.json`, and the results
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ import os
 import pathlib
 import signal
 import threading
-import time
 from typing import Any, Mapping
 
 import jax
