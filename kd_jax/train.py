@@ -102,11 +102,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check("distill.weights", term, losses.DISTILL_TERMS)
     if float(config.distill.weights[term]) < 0:
       raise ValueError(f"config.distill.weights.{term}={config.distill.weights[term]} is negative")
-  check("student.layer_map_strategy", config.student.get("layer_map_strategy", "uniform"),
+  check("student.layer_map_strategy", config.student.layer_map_strategy,
         student_init.INIT_LAYER_MAP_STRATEGIES)
-  check("distill.layer_map_strategy", config.distill.get("layer_map_strategy", ""),
+  check("distill.layer_map_strategy", config.distill.layer_map_strategy,
         ("",) + student_init.LAYER_MAP_STRATEGIES)
-  alpha = float(config.distill.get("alpha", -1.0))
+  alpha = float(config.distill.alpha)
   if alpha > 1:
     raise ValueError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
   for name in ("teacher", "student"):
@@ -380,10 +380,10 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
     model_cfg = student_config(teacher_cfg, config.student)
     layer_map, loss_layer_map = student_init.resolve_layer_maps(
         teacher_cfg.num_layers, model_cfg.num_layers,
-        student_strategy=config.student.get("layer_map_strategy", "uniform"),
+        student_strategy=config.student.layer_map_strategy,
         student_layer_map=tuple(config.student.layer_map) or None,
-        distill_strategy=config.distill.get("layer_map_strategy", ""),
-        distill_layer_map=tuple(config.distill.get("layer_map", ())) or None)
+        distill_strategy=config.distill.layer_map_strategy,
+        distill_layer_map=tuple(config.distill.layer_map) or None)
     random_params = init_params(model_cfg, init_rng)
     base_params = None
     if config.student.init == "from_base":
@@ -397,7 +397,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                    student_init.describe_provenance(provenance))
     if config.distill.kd:
       weights = {k: float(v) for k, v in config.distill.weights.items() if float(v) > 0}
-      alpha = float(config.distill.get("alpha", -1.0))
+      alpha = float(config.distill.alpha)
       logging.info("distill: weights %s, alpha %s, loss layer map %s", weights, alpha,
                    list(loss_layer_map))
       teacher_model = Encoder(teacher_cfg)
@@ -481,7 +481,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
         evaluation.write_results(stage_dir, "val", best_metrics, language_names)
 
   epoch_iter = None
-  stop_after = tc.get("stop_after_steps", -1)
+  stop_after = tc.stop_after_steps
   while step < num_steps:
     epoch, offset = divmod(step, spe)
     if epoch_iter is None:  # the order is a pure function of (seed, epoch): exact resume

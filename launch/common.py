@@ -196,6 +196,15 @@ def print_commands(commands: Sequence[Command]) -> None:
     print(c.render())
 
 
+def execute(commands: Sequence[Command], dry_run: bool, run=None) -> int:
+  """Prints the commands (dry run, exit code 0) or runs them with `run`
+  (default `run_sequential`) and returns its exit code."""
+  if dry_run:
+    print_commands(commands)
+    return 0
+  return (run or run_sequential)(commands)
+
+
 def run_sequential(commands: Sequence[Command], cwd: str | os.PathLike = ROOT) -> int:
   """Runs the commands one after another; stops at the first failure."""
   for c in commands:

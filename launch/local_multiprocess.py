@@ -26,10 +26,7 @@ def main(argv=None) -> int:
         devices_per_process=args.devices_per_process)
   except ValueError as e:
     p.error(str(e))
-  if args.dry_run:
-    common.print_commands(commands)
-    return 0
-  return common.run_concurrent(commands)
+  return common.execute(commands, args.dry_run, common.run_concurrent)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ def main(argv=None) -> int:
                                          python=args.python)
   except ValueError as e:
     p.error(str(e))
-  if args.dry_run:
-    common.print_commands(commands)
-    return 0
-  return common.run_sequential(commands)
+  return common.execute(commands, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,7 @@ def main(argv=None) -> int:
       project=args.project, repo_url=args.repo_url, branch=args.branch,
       remote_dir=args.remote_dir, python=args.python, env=common.parse_env(args.env),
       install=not args.skip_install)
-  if args.dry_run:
-    common.print_commands(commands)
-    return 0
-  return common.run_sequential(commands)
+  return common.execute(commands, args.dry_run)
 
 
 if __name__ == "__main__":
