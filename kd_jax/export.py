@@ -1,13 +1,15 @@
 """Export a kd_jax model as an ordinary Hugging Face (transformers) directory.
 
-The result loads with `transformers.AutoModelForSequenceClassification.from_pretrained`
-(PyTorch or any framework that reads safetensors) and `AutoTokenizer.from_pretrained`::
+The result loads with transformers' `AutoModelForSequenceClassification`,
+`AutoModelForTokenClassification` or `AutoModelForMaskedLM` (whichever head the model has,
+EncoderConfig.head; PyTorch or any framework that reads safetensors) and `AutoTokenizer`::
 
-    <out_dir>/config.json          model_type "bert" | "xlm-roberta", architectures, labels, sizes
+    <out_dir>/config.json          model_type "bert" | "xlm-roberta" | "distilbert" |
+                                   "deberta-v2", architectures, labels, sizes
     <out_dir>/model.safetensors    float32 tensors named as transformers' save_pretrained names them
     <out_dir>/tokenizer.json ...   the tokenizer, written by its own save_pretrained
 
-Only the encoder (and its classification head) is written; the learnable distillation
+Only the encoder (and its head) is written; the learnable distillation
 projections (`{"model": ..., "proj": ...}` during training) are never exported.
 
 Command line (a run directory exports its student by default)::
@@ -39,6 +41,8 @@ from kd_jax.models.encoder import EncoderConfig, init_params
 _HF_CLASSES = {
     "bert": ("bert", "BertForSequenceClassification", "BertModel"),
     "roberta": ("xlm-roberta", "XLMRobertaForSequenceClassification", "XLMRobertaModel"),
+    "deberta-v2": ("deberta-v2", "DebertaV2ForSequenceClassification", "DebertaV2Model"),
+    "distilbert": ("distilbert", "DistilBertForSequenceClassification", "DistilBertModel"),
 }
 STAGE_DIRS = {"student": "student", "teacher": "teacher"}
 
@@ -93,10 +97,10 @@ def hf_config_dict(config: EncoderConfig, *, id2label=None, tokenizer=None) -> d
   Raises:
     ValueError: id2label does not cover exactly ids 0..num_labels-1.
   """
-  model_type, head_class, base_class = _HF_CLASSES[config.family]
+  model_type = _HF_CLASSES[config.family][0]
   d: dict[str, Any] = {
       "model_type": model_type,
-      "architectures": [head_class if config.num_labels > 0 else base_class],
+      "architectures": [hf_architecture(config)],
       "vocab_size": config.vocab_size,
       "hidden_size": config.hidden_size,
       "num_hidden_layers": config.num_layers,
@@ -114,6 +118,14 @@ def hf_config_dict(config: EncoderConfig, *, id2label=None, tokenizer=None) -> d
       "position_embedding_type": "absolute",
       "dtype": "float32",
   }
+  if config.family == "deberta-v2":
+    del d["classifier_dropout"], d["position_embedding_type"]  # BERT-only fields
+    d.update(_deberta_fields(config))
+  if config.family == "distilbert":  # DistilBertConfig's own field names
+    d = {"model_type": model_type, "architectures": d["architectures"],
+         **_distilbert_fields(config)}
+  if config.head == "mlm":
+    d["tie_word_embeddings"] = True  # the decoder is the word-embedding table
   if config.family == "roberta":
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -126,14 +138,79 @@ def hf_config_dict(config: EncoderConfig, *, id2label=None, tokenizer=None) -> d
   return d
 
 
+def hf_architecture(config: EncoderConfig) -> str:
+  """The transformers class for `config`'s head: <Family>ForSequenceClassification,
+  …ForTokenClassification, …ForMaskedLM, or the base …Model when there is no head."""
+  head_class, base_class = _HF_CLASSES[config.family][1:]
+  if config.head == "mlm":
+    return head_class.replace("ForSequenceClassification", "ForMaskedLM")
+  if config.num_labels == 0:
+    return base_class
+  if config.head == "token":
+    return head_class.replace("ForSequenceClassification", "ForTokenClassification")
+  return head_class
+
+
+def _distilbert_fields(config: EncoderConfig) -> dict[str, Any]:
+  """config.json fields of a DistilBERT model, in DistilBertConfig's names. The sequence
+  head's dropout is `seq_classif_dropout`; DistilBertForTokenClassification uses `dropout`.
+
+  Raises ValueError for what DistilBERT cannot express: token types or a LayerNorm eps
+  other than 1e-12 (fixed in HF's code)."""
+  if config.type_vocab_size or config.layer_norm_eps != 1e-12:
+    raise ValueError(f"DistilBERT has no token types and LayerNorm eps 1e-12; this config "
+                     f"has type_vocab_size={config.type_vocab_size}, layer_norm_eps="
+                     f"{config.layer_norm_eps}")
+  return {
+      "vocab_size": config.vocab_size,
+      "dim": config.hidden_size,
+      "n_layers": config.num_layers,
+      "n_heads": config.num_heads,
+      "hidden_dim": config.intermediate_size,
+      "activation": "gelu",
+      "dropout": config.hidden_dropout,
+      "attention_dropout": config.attention_dropout,
+      "seq_classif_dropout": config.classifier_dropout,
+      "max_position_embeddings": config.max_position_embeddings,
+      "sinusoidal_pos_embds": False,
+      "initializer_range": config.initializer_range,
+      "pad_token_id": config.pad_token_id,
+      "dtype": "float32",
+  }
+
+
+def _deberta_fields(config: EncoderConfig) -> dict[str, Any]:
+  """config.json fields of a DeBERTa-v2 model (transformers keeps the ones DebertaV2Config
+  does not declare, e.g. position_buckets, as attributes and the model reads them)."""
+  return {
+      "cls_dropout": config.classifier_dropout,  # DebertaV2ForSequenceClassification's
+      "relative_attention": config.relative_attention,
+      "max_relative_positions": config.max_relative_positions,
+      "position_buckets": config.position_buckets,
+      "share_att_key": config.share_att_key,
+      "pos_att_type": list(config.pos_att_type),
+      "norm_rel_ebd": config.norm_rel_ebd,
+      "position_biased_input": config.position_biased_input,
+      "pooler_hidden_act": config.pooler_hidden_act,
+      "pooler_dropout": config.pooler_dropout,
+      "pooler_hidden_size": config.hidden_size,
+      "conv_kernel_size": 0,
+      "legacy": True,  # masked LM: the cls.predictions.* head names kd_jax writes
+  }
+
+
 def export_state_dict(params: Mapping, config: EncoderConfig) -> dict[str, np.ndarray]:
-  """HF tensors for `params`, named as `<Family>ForSequenceClassification.save_pretrained`
-  writes them (`bert.` / `roberta.` prefix on the base model; BERT's pooler inside it,
-  XLM-R's head as `classifier.dense` / `classifier.out_proj`), or as the base model
-  writes them (no prefix) when num_labels == 0. Linear weights are [out, in], float32.
-  Buffers (`position_ids`, `token_type_ids`) are not persistent in transformers and are
-  not written; no weights are tied in these classes. Without a head kd_jax has no pooler,
-  so load such an export with `AutoModel.from_pretrained(out, add_pooling_layer=False)`
+  """HF tensors for `params`, named as the `hf_architecture(config)` class's
+  save_pretrained writes them (`bert.` / `roberta.` / `deberta.` / `distilbert.` prefix on
+  the base model; BERT's pooler inside it, XLM-R's head as `classifier.dense` /
+  `classifier.out_proj`, DistilBERT's as `pre_classifier` / `classifier`; masked-LM heads
+  as `cls.predictions.*`, `lm_head.*`, `vocab_transform` / `vocab_layer_norm` /
+  `vocab_projector.bias`), or as the base model writes them (no prefix) when there is no
+  head. Linear weights are [out, in], float32. Buffers (`position_ids`, `token_type_ids`)
+  are not persistent in transformers and are not written; the masked-LM decoder weight
+  is tied to the word embeddings and, as transformers does, not written. Without a head
+  kd_jax has no pooler, so load such an export with
+  `AutoModel.from_pretrained(out, add_pooling_layer=False)` (BERT, XLM-R)
   (otherwise transformers reports pooler.dense.* missing and initialises it randomly).
 
   Returns: name -> float32 numpy array.
@@ -142,7 +219,7 @@ def export_state_dict(params: Mapping, config: EncoderConfig) -> dict[str, np.nd
   params = _model_params(params)
   _check_params(params, config)
   params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)
-  prefix = None if config.num_labels > 0 else ""
+  prefix = None if config.num_labels > 0 or config.head == "mlm" else ""
   return hf_io.params_to_state_dict(params, config, prefix=prefix)
 
 

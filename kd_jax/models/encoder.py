@@ -1,4 +1,4 @@
-"""One Flax linen encoder for the BERT and RoBERTa families, teacher and student alike.
+"""One Flax linen encoder for the BERT, RoBERTa and DeBERTa-v2 families, teacher and student.
 
 The layout follows Hugging Face's `BertForSequenceClassification` and
 `XLMRobertaForSequenceClassification` (post-LayerNorm, GELU, dropout), so that
@@ -12,11 +12,31 @@ Parameter tree (the `params` collection), used by `student_init` and `hf_io`::
     layer_{i}/attention/{query,key,value,output}/{kernel,bias}
     layer_{i}/{attention_LayerNorm,output_LayerNorm}/{scale,bias}
     layer_{i}/{intermediate,output}/{kernel,bias}
-    pooler/{kernel,bias}, classifier/{kernel,bias}     (absent when num_labels == 0)
+    head "sequence": pooler/{kernel,bias}, classifier/{kernel,bias}  (none if num_labels == 0)
+    head "token":    classifier/{kernel,bias}                          (none if num_labels == 0)
+    head "mlm":      lm_head/transform/{kernel,bias}, lm_head/transform_LayerNorm/{scale,bias},
+                     lm_head/bias [V]; the decoder is tied to embeddings/word_embeddings
+
+DeBERTa-v2 (`kd_jax.models.deberta_v2`) swaps in disentangled self-attention under the
+same `layer_{i}/attention/...` names (HF's query_proj/key_proj/value_proj) and adds
+`rel_embeddings/...` and, without share_att_key, `layer_{i}/attention/pos_{key,query}`;
+its embeddings have no position table when position_biased_input is False and no
+token-type table when type_vocab_size is 0; `pooler` is HF's ContextPooler dense (GELU).
 
 For RoBERTa, `pooler` holds HF's `classifier.dense` and `classifier` its `out_proj`:
 both heads are dense(H→H) + tanh followed by a linear layer, and differ only in where
 dropout sits, so one tree serves both and weight copying needs no family branch.
+
+DistilBERT (family "distilbert") is BERT's layer without token types (no
+`token_type_embeddings` leaf: type_vocab_size 0) and without dropout on the attention
+output; its `q_lin/k_lin/v_lin/out_lin`, `sa_layer_norm`, `ffn.lin1/lin2` and
+`output_layer_norm` map onto the names above. Its sequence head `pre_classifier` is held
+in `pooler`, followed by ReLU (not tanh) and dropout (`seq_classif_dropout`).
+
+The MLM heads of all three (BERT `cls.predictions.transform`, XLM-R `lm_head.dense` /
+`lm_head.layer_norm`, DistilBERT `vocab_transform` / `vocab_layer_norm`) are dense(H→H) +
+GELU + LayerNorm, then the decoder tied to the word embeddings plus its own bias, so they
+share the `lm_head` tree.
 """
 
 from __future__ import annotations
@@ -29,7 +49,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-FAMILIES = ("bert", "roberta")
+from kd_jax.models import deberta_v2
+
+FAMILIES = ("bert", "roberta", "distilbert", deberta_v2.FAMILY)
+# Task heads: one label per sequence, one per token, or masked-LM logits over the vocabulary.
+HEADS = ("sequence", "token", "mlm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +61,47 @@ class EncoderConfig:
   """Sizes and behaviour of an encoder.
 
   Attributes:
-    family: "bert" (BERT, mBERT, multilingual e5) or "roberta" (XLM-R): RoBERTa
-      offsets position ids by `pad_token_id + 1` and puts dropout before the head.
+    family: "bert" (BERT, mBERT, multilingual e5), "roberta" (XLM-R): RoBERTa
+      offsets position ids by `pad_token_id + 1` and puts dropout before the head,
+      or "deberta-v2" (DeBERTa-v2/v3, mDeBERTa-v3; `kd_jax.models.deberta_v2`), or
+      "distilbert" (DistilBERT: no token types, position ids 0..T-1 like BERT).
     vocab_size, hidden_size, num_layers, num_heads, intermediate_size: sizes; the
       head dimension is hidden_size / num_heads.
     max_position_embeddings, type_vocab_size: rows of those embedding tables.
-    num_labels: classes of the sequence-classification head; 0 means no head.
+    num_labels: classes of the classification head (sequence or token); 0 means no
+      classification head (a base encoder, or the masked-LM head, which needs 0).
+    head: "sequence" (HF *ForSequenceClassification: logits [B, C] from the first
+      token), "token" (*ForTokenClassification: dropout + linear on every token,
+      logits [B, T, C]) or "mlm" (*ForMaskedLM: logits [B, T, V] over the vocabulary,
+      decoder tied to the word embeddings).
     layer_norm_eps: LayerNorm epsilon (1e-12 for BERT, 1e-5 for XLM-R).
     hidden_dropout, attention_dropout, classifier_dropout: dropout rates.
     pad_token_id: id of the padding token (RoBERTa position ids depend on it).
     initializer_range: stddev of the normal initialiser (HF default 0.02).
     dtype: compute dtype; parameters stay float32.
+    relative_attention: (deberta-v2) disentangled attention over relative positions
+      (He et al. 2021, eq. 2-4); False leaves content-to-content attention only.
+    max_relative_positions: (deberta-v2) largest relative distance k; < 1 means
+      max_position_embeddings (HF's rule).
+    position_buckets: (deberta-v2) S, half the rows of the relative-embedding table;
+      > 0 log-buckets distances beyond S/2 up to max_relative_positions (mDeBERTa-v3:
+      256); <= 0 uses 2·max_relative_positions rows and no bucketing.
+    share_att_key: (deberta-v2) project relative embeddings with the content query/key
+      projections (True in v3) instead of separate `pos_query` / `pos_key` ones.
+    pos_att_type: (deberta-v2) disentangled terms used, a subset of ("c2p", "p2c");
+      each also adds one to the score scale √(d·(1 + len)).
+    norm_rel_ebd: (deberta-v2) "layer_norm" (LayerNorm on the relative embeddings,
+      v3) or "none".
+    position_biased_input: (deberta-v2) add absolute position embeddings to the input
+      (False in v3, which then has no position_embeddings table); other families
+      always add them.
+    pooler_hidden_act: activation after the pooler dense layer: None means the
+      family's own ("tanh" for bert/roberta, "gelu" for deberta-v2, HF's
+      `pooler_hidden_act`, "relu" for distilbert); bert/roberta support only "tanh",
+      distilbert only "relu".
+    pooler_dropout: (deberta-v2) dropout on the first token before the pooler dense
+      layer (HF ContextPooler's `pooler_dropout`); classifier_dropout (HF
+      `cls_dropout`) acts after it.
   """
 
   family: str = "bert"
@@ -59,6 +113,7 @@ class EncoderConfig:
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   num_labels: int = 3
+  head: str = "sequence"
   layer_norm_eps: float = 1e-12
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
@@ -66,10 +121,25 @@ class EncoderConfig:
   pad_token_id: int = 1
   initializer_range: float = 0.02
   dtype: Any = jnp.float32
+  relative_attention: bool = False
+  max_relative_positions: int = -1
+  position_buckets: int = -1
+  share_att_key: bool = False
+  pos_att_type: tuple[str, ...] = ()
+  norm_rel_ebd: str = "none"
+  position_biased_input: bool = True
+  pooler_hidden_act: str | None = None
+  pooler_dropout: float = 0.0
 
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"EncoderConfig.family={self.family!r}; supported: {FAMILIES}")
+    deberta_v2.check_config(self)
+    if self.head not in HEADS:
+      raise ValueError(f"EncoderConfig.head={self.head!r}; supported: {HEADS}")
+    if self.head == "mlm" and self.num_labels:
+      raise ValueError(f"EncoderConfig.head='mlm' has no classes but num_labels="
+                       f"{self.num_labels}; set num_labels=0")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"EncoderConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -88,13 +158,17 @@ class EncoderOutput:
   """What the encoder returns.
 
   Attributes:
-    logits: [B, C] float32 classification logits (None when num_labels == 0).
+    logits: float32 logits of the head: [B, C] (head "sequence"), [B, T, C] ("token"),
+      [B, T, V] ("mlm"); with `masked_positions` [B, P] only at those positions:
+      [B, P, C] or [B, P, V]. None when there is no head (num_labels == 0, not "mlm").
     last_hidden_state: [B, T, H] output of the last layer.
     embeddings: [B, T, H] embedding-layer output (after LayerNorm), or None.
     hidden_states: tuple of L arrays [B, T, H], outputs of layers 1..L, or None.
     attention_scores: tuple of L arrays [B, h, T, T], pre-softmax A = QKᵀ/√d_k
-      without the padding mask added (what TinyBERT distills), or None.
-    attentions: tuple of L arrays [B, h, T, T], attention probabilities, or None.
+      without the padding mask added (what TinyBERT distills), or None. DeBERTa-v2:
+      the full disentangled A (content + c2p + p2c, scaled; `deberta_v2`).
+    attentions: tuple of L arrays [B, h, T, T], attention probabilities, or None
+      (DeBERTa-v2, as transformers 5: rows of padded queries are uniform, 1/T).
     values: tuple of L arrays [B, T, h, d] (d = head_dim), the per-head value
       projections V = x W_V + b_V of each layer (MiniLM's value relation), or None.
   """
@@ -140,9 +214,11 @@ class Embeddings(nn.Module):
     word = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")
     pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                    name="position_embeddings")
-    typ = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
-                   name="token_type_embeddings")
-    x = word(input_ids) + pos(position_ids_for(cfg, input_ids)) + typ(token_type_ids)
+    x = word(input_ids) + pos(position_ids_for(cfg, input_ids))
+    if cfg.type_vocab_size > 0:  # DistilBERT has no token types
+      typ = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                     name="token_type_embeddings")
+      x = x + typ(token_type_ids)
     x = _layer_norm(cfg, "LayerNorm")(x)
     x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     return x.astype(cfg.dtype)
@@ -175,11 +251,17 @@ class EncoderLayer(nn.Module):
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, deterministic: bool):
+  def __call__(self, x, attention_mask, deterministic: bool, rel_embeddings=None,
+               relative_pos=None):
     cfg = self.config
-    attn, scores, probs, values = SelfAttention(cfg, name="attention")(
-        x, attention_mask, deterministic)
-    attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
+    if cfg.family == deberta_v2.FAMILY:
+      attn, scores, probs, values = deberta_v2.DisentangledSelfAttention(cfg, name="attention")(
+          x, attention_mask, rel_embeddings, relative_pos, deterministic)
+    else:
+      attn, scores, probs, values = SelfAttention(cfg, name="attention")(
+          x, attention_mask, deterministic)
+    if cfg.family != "distilbert":  # HF TransformerBlock has no dropout here
+      attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_LayerNorm")(attn + x).astype(cfg.dtype)
     h = _dense(cfg, cfg.intermediate_size, "intermediate")(x)
     h = nn.gelu(h, approximate=False)  # HF "gelu" is the exact erf form
@@ -189,12 +271,40 @@ class EncoderLayer(nn.Module):
     return x, scores, probs, values
 
 
+class LMHead(nn.Module):
+  """Masked-LM head: dense(H→H) + GELU + LayerNorm, then the decoder tied to the word
+  embeddings plus its own bias [V] (HF BertLMPredictionHead, XLMRobertaLMHead,
+  DistilBertForMaskedLM's vocab_transform / vocab_layer_norm / vocab_projector)."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, word_embeddings):
+    """x [..., H], word_embeddings [V, H] -> logits [..., V] float32."""
+    cfg = self.config
+    h = nn.gelu(_dense(cfg, cfg.hidden_size, "transform")(x), approximate=False)
+    h = _layer_norm(cfg, "transform_LayerNorm")(h).astype(cfg.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
+    logits = jnp.einsum("...h,vh->...v", h, word_embeddings.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + bias
+
+
 class Encoder(nn.Module):
-  """Transformer encoder with an optional sequence-classification head.
+  """Transformer encoder with an optional head (`EncoderConfig.head`).
 
   Call with `input_ids` [B, T] int32, `attention_mask` [B, T] (1 = real token) and
-  optionally `token_type_ids` [B, T] (zeros by default). Intermediates are returned
-  only when asked, so a loss that does not read them costs nothing.
+  optionally `token_type_ids` [B, T] (zeros by default; ignored without a token-type
+  table). Intermediates are returned only when asked, so a loss that does not read
+  them costs nothing.
+
+  `masked_positions` [B, P] int32 (heads "mlm" and "token"): indices into T; logits are
+  computed only there ([B, P, V] / [B, P, C]), equal to the full logits gathered at
+  those positions. With a 250k vocabulary the full [B, T, V] logits cost more than the
+  encoder, so masked-LM training should pass them. Indices >= T are clipped to T - 1
+  and negative ones count from the end (numpy), so padding slots may hold any index
+  (e.g. 0) and be masked in the loss.
+  Raises ValueError for `masked_positions` with head "sequence".
   """
 
   config: EncoderConfig
@@ -203,28 +313,53 @@ class Encoder(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True, output_embeddings: bool = False,
                output_hidden_states: bool = False, output_attention_scores: bool = False,
-               output_attentions: bool = False, output_values: bool = False) -> EncoderOutput:
+               output_attentions: bool = False, output_values: bool = False,
+               masked_positions=None) -> EncoderOutput:
     cfg = self.config
+    if masked_positions is not None and cfg.head == "sequence":
+      raise ValueError("masked_positions needs EncoderConfig.head 'mlm' or 'token', "
+                       "not 'sequence'")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+    rel_embeddings = relative_pos = None
+    if cfg.family == deberta_v2.FAMILY:
+      x = deberta_v2.Embeddings(cfg, name="embeddings")(
+          input_ids, token_type_ids, attention_mask, deterministic)
+      if cfg.relative_attention:
+        rel_embeddings = deberta_v2.RelativeEmbeddings(cfg, name="rel_embeddings")()
+        relative_pos = deberta_v2.relative_positions(cfg, input_ids.shape[1])
+    else:
+      x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     embeddings = x
     hidden, scores_all, probs_all, values_all = [], [], [], []
     for i in range(cfg.num_layers):
       x, scores, probs, values = EncoderLayer(cfg, name=f"layer_{i}")(
-          x, attention_mask, deterministic)
+          x, attention_mask, deterministic, rel_embeddings, relative_pos)
       hidden.append(x)
       scores_all.append(scores)
       probs_all.append(probs)
       values_all.append(values)
 
     logits = None
-    if cfg.num_labels > 0:
+    tokens = x  # [B, T, H], or [B, P, H] at masked_positions
+    if masked_positions is not None:
+      tokens = jnp.take_along_axis(x, jnp.asarray(masked_positions, jnp.int32)[..., None],
+                                   axis=1, mode="clip")
+    if cfg.head == "mlm":
+      table = self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+      logits = LMHead(cfg, name="lm_head")(tokens, table)
+    elif cfg.head == "token" and cfg.num_labels > 0:  # HF *ForTokenClassification
+      tokens = nn.Dropout(cfg.classifier_dropout)(tokens, deterministic=deterministic)
+      logits = _dense(cfg, cfg.num_labels, "classifier")(tokens).astype(jnp.float32)
+    elif cfg.num_labels > 0:
       cls = x[:, 0]
       drop = nn.Dropout(cfg.classifier_dropout)
       if cfg.family == "roberta":  # HF RobertaClassificationHead
         cls = drop(cls, deterministic=deterministic)
-      pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(cls))
+      elif cfg.family == deberta_v2.FAMILY:  # HF ContextPooler
+        cls = nn.Dropout(cfg.pooler_dropout)(cls, deterministic=deterministic)
+      pooled = _dense(cfg, cfg.hidden_size, "pooler")(cls)
+      pooled = deberta_v2.POOLER_ACTIVATIONS[cfg.pooler_hidden_act](pooled)
       pooled = drop(pooled, deterministic=deterministic)
       logits = _dense(cfg, cfg.num_labels, "classifier")(pooled).astype(jnp.float32)
 
