@@ -275,6 +275,8 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    for f in tmp.iterdir():  # safetensors writes 0600
+      os.chmod(f, 0o644)
     _prepare_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
     if out_dir.exists():  # empty, or overwrite: move it aside, then swap in the new one
       old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
