@@ -5,6 +5,7 @@ Every field the loop reads is defined here once, so an override of an unknown fi
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from kd_jax.data.tsm import TSM_LANGUAGES
 
@@ -52,12 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(
-      checkpoint="",              # distill: teacher stage dir; "" -> <workdir>/teacher
+      # distill: teacher stage dir; "" -> <workdir>/teacher. Several teachers: a tuple of
+      # stage dirs (or "dir1,dir2" on the command line); the prediction target is then the
+      # mean of their logits and representation terms (att, hid, ...) are an error.
+      checkpoint=config_dict.FieldReference("", field_type=object),
       train=train_config(),
   ))
 
   config.student = ml_collections.ConfigDict(dict(
-      init="from_teacher",        # from_teacher | from_base | from_scratch (paper §2.2)
+      # from_teacher | from_base | from_scratch (paper §2.2) | from_general (the student
+      # of a general_distill stage, MLM head dropped, fresh classification head)
+      init="from_teacher",
+      checkpoint="",              # from_general: general_distill stage dir; "" -> <workdir>/general
       num_layers=6,
       hidden_size=0,              # 0 -> the teacher's; narrower slices weights evenly
       layer_map=(),               # 1-based teacher layer per student layer; () -> the strategy
@@ -89,5 +96,47 @@ def base_config() -> ml_collections.ConfigDict:
       layer_map=(),               # explicit 1-based teacher layer per student layer
   ))
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis
+  # general_distill stage (train.run_general_stage): task-agnostic distillation with masked
+  # language modelling on unlabeled text -> <workdir>/general. The student has the
+  # architecture of config.student (num_layers, hidden_size, layer maps) and an MLM head
+  # tied to its word embeddings; start task training from it with
+  # student.init="from_general" (student.checkpoint: this stage's dir).
+  config.general = ml_collections.ConfigDict(dict(
+      # "" -> config.model (pretrained); else an HF dir / hub id / offline name, or a
+      # kd_jax stage dir (its final, else best, parameters).
+      teacher="",
+      init="from_teacher",        # from_teacher | from_base | from_scratch (of this stage)
+      # Text: files with one text per line, and the text side of train splits (read from
+      # config.data.data_dir or $KD_JAX_DATA_DIR): tsm languages, SIB-200 lang_Script dirs.
+      text_files=(),
+      tsm_languages=(),
+      sib200_languages=(),
+      heldout_size=512,           # texts held out (seeded) for MLM loss / accuracy
+      mask_rate=0.15,             # BERT dynamic masking: 80% [MASK], 10% random, 10% kept
+      max_length=128,
+      buckets=(32, 64, 128),
+      # Loss terms (kd_jax.losses.distillation_loss): mlm (student MLM cross-entropy),
+      # mlm_kl (T^2 KL to the teacher's MLM logits), mlm_mse, and the representation
+      # terms att, hid, embd (TinyBERT), cos, pkd, att_kl, minilm. mlm_kl / mlm_mse need a
+      # teacher with an MLM head. Default: TinyBERT's multilayer objective + MLM.
+      weights=ml_collections.ConfigDict(dict(att=1.0, hid=1.0, embd=1.0, mlm=1.0, mlm_kl=0.0,
+                                             mlm_mse=0.0, cos=0.0, pkd=0.0, att_kl=0.0,
+                                             minilm=0.0)),
+      temperature=1.0,            # of mlm_kl
+      train=train_config(num_epochs=1.0, learning_rate=1e-4),
+  ))
+
+  # Device mesh (kd_jax/sharding.py): data * fsdp * tensor must equal the device count; one
+  # axis may be -1 (the remaining devices). The batch is split over (data, fsdp); parameters,
+  # optimizer state and the teacher over fsdp (hidden dims) and tensor (mlp, heads, vocab).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # fp32 | bf16: compute dtype of student and teacher; parameters, optimizer state, softmax,
+  # LayerNorm and losses stay float32.
+  config.precision = "fp32"
+  # A step with a non-finite loss term or gradient: "stop" raises naming the step and the
+  # terms; "skip" leaves parameters and optimizer state unchanged (counted in the metrics).
+  config.nonfinite = "stop"
+  # True: recompute each student layer in the backward pass (jax.checkpoint per layer),
+  # trading about one extra forward pass for activation memory.
+  config.remat = False
   return config

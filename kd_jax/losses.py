@@ -64,6 +64,11 @@ __all__ = [
     "value_relation_kl",
     "minilm_loss",
     "cross_entropy",
+    "token_cross_entropy",
+    "mlm_cross_entropy",
+    "mlm_kl",
+    "mlm_mse",
+    "mean_teacher_logits",
     "apply_alpha",
     "distillation_loss",
     "LAYERWISE_TERMS",
@@ -72,7 +77,14 @@ __all__ = [
 
 #: Valid term names for :func:`distillation_loss` ``weights``.
 DISTILL_TERMS = ("att", "hid", "embd", "pred", "soft_ce", "pkd", "cos", "att_kl",
-                 "minilm", "clf")
+                 "minilm", "clf", "mlm", "mlm_kl", "mlm_mse")
+#: Terms that need no teacher (supervised by the batch's own targets).
+SUPERVISED_TERMS = ("clf", "mlm")
+#: Terms on masked-LM logits ``[B, P, V]`` (a model with the MLM head, ``masked_positions``).
+MLM_TERMS = ("mlm", "mlm_kl", "mlm_mse")
+#: Terms comparing intermediate representations (embeddings, hidden states, attention,
+#: values); with several teachers these are undefined (see :func:`mean_teacher_logits`).
+INTERMEDIATE_TERMS = ("att", "hid", "embd", "pkd", "cos", "att_kl", "minilm")
 #: Terms that use the layer map.
 LAYERWISE_TERMS = ("att", "hid", "pkd", "att_kl")
 #: Valid keys of ``projections`` (one learnable ``[H_S, H_T]`` kernel per term).
@@ -733,6 +745,166 @@ def cross_entropy(logits, labels, example_weights) -> jax.Array:
     return _safe_div(jnp.sum(nll * w), jnp.sum(w))
 
 
+def token_cross_entropy(logits, labels, ignore_index: int = -100) -> jax.Array:
+    """Token-classification loss (HF ``*ForTokenClassification``, e.g. NER / POS).
+
+    ``L = - sum_{b,t: y_bt != ignore} log softmax(z[b,t])[y_bt] / #{b,t: y_bt != ignore}``,
+    the mean over labelled tokens, as ``torch.nn.CrossEntropyLoss(ignore_index=-100)``
+    on the flattened logits.  Tokens labelled ``ignore_index`` (padding, special
+    tokens, non-first sub-words) are removed with ``jnp.where`` first, so their
+    logits may be anything; no labelled token at all gives 0, not NaN.
+
+    Args:
+      logits: ``[B, T, C]`` float (the Encoder's head "token" logits).
+      labels: ``[B, T]`` int class indices in ``[0, C)``, or ``ignore_index``.
+      ignore_index: label value that contributes nothing (HF's -100).
+
+    Returns:
+      float32 scalar.
+
+    Raises:
+      ValueError: logits not 3-D or labels not ``[B, T]``.
+    """
+    z = _f32(logits)
+    if z.ndim != 3:
+        raise ValueError(f"token logits must be [B, T, C]; got {z.shape}")
+    labels = jnp.asarray(labels)
+    if labels.shape != z.shape[:2]:
+        raise ValueError(f"token labels must be [B, T]={z.shape[:2]}; got {labels.shape}")
+    valid = labels != ignore_index
+    z = jnp.where(valid[..., None], z, 0.0)
+    y = jnp.clip(labels.astype(jnp.int32), 0, z.shape[-1] - 1)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, nll, 0.0)
+    return _safe_div(jnp.sum(nll), jnp.sum(valid.astype(jnp.float32)))
+
+
+# ---------------------------------------------------------------------------
+# masked language modelling (general distillation)
+# ---------------------------------------------------------------------------
+def _check_mlm(what: str, logits, weights, teacher_logits=None):
+    """float32 ``[B, P, V]`` logits (and teacher's) and ``[B, P]`` weights, or ValueError."""
+    z = _f32(logits)
+    w = _f32(weights)
+    if z.ndim != 3 or w.shape != z.shape[:2]:
+        raise ValueError(
+            f"{what}: MLM logits must be [B, P, V] and mlm_weights [B, P]; got logits "
+            f"{z.shape}, mlm_weights {w.shape}")
+    if teacher_logits is None:
+        return z, w, None
+    t = _f32(teacher_logits)
+    if t.shape != z.shape:
+        raise ValueError(
+            f"{what}: teacher MLM logits {t.shape} must match the student's {z.shape} "
+            f"(same tokenizer / vocabulary and masked_positions)")
+    return z, w, t
+
+
+def mlm_cross_entropy(logits, labels, weights) -> jax.Array:
+    """Masked-LM loss: cross-entropy at masked positions only (BERT, Devlin et al. 2019).
+
+    ``L = - sum_{b,p} w_bp log softmax(z[b,p])[y_bp] / sum_{b,p} w_bp``.
+    Slots with weight 0 (padding slots of ``masked_positions``, padding rows) are
+    removed with ``jnp.where`` first; their labels may be anything.
+
+    Args:
+      logits: ``[B, P, V]`` float, the MLM head's logits at ``masked_positions``.
+      labels: ``[B, P]`` int, the original token ids there.
+      weights: ``[B, P]`` float ``mlm_weights`` (1 = a masked token, 0 = padding slot).
+
+    Returns:
+      float32 scalar.
+    """
+    z, w, _ = _check_mlm("mlm", logits, weights)
+    labels = jnp.asarray(labels)
+    if labels.shape != w.shape:
+        raise ValueError(f"mlm: mlm_labels must be [B, P]={w.shape}; got {labels.shape}")
+    valid = w > 0
+    z = jnp.where(valid[..., None], z, 0.0)
+    y = jnp.clip(labels.astype(jnp.int32), 0, z.shape[-1] - 1)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, nll, 0.0)
+    return _safe_div(jnp.sum(nll * w), jnp.sum(w))
+
+
+def mlm_kl(student_logits, teacher_logits, weights, temperature=1.0) -> jax.Array:
+    """Soft-target KL on MLM logits at masked positions, scaled by ``T^2``.
+
+    ``L = T^2 sum_{b,p} w_bp KL(softmax(z_T[b,p]/T) || softmax(z_S[b,p]/T)) / sum w``
+    (Hinton et al. 2015 applied per masked token, as DistilBERT's ``L_ce`` over the
+    vocabulary, Sanh et al. 2019; :func:`logits_kl` with slots in place of examples).
+
+    Args:
+      student_logits: ``[B, P, V]`` float.
+      teacher_logits: ``[B, P, V]`` float (a teacher with an MLM head, same positions).
+      weights: ``[B, P]`` float ``mlm_weights``.
+      temperature: positive scalar.
+
+    Returns:
+      float32 scalar.
+    """
+    s, w, t = _check_mlm("mlm_kl", student_logits, weights, teacher_logits)
+    valid = (w > 0)[..., None]
+    temp = _f32(temperature)
+    log_ps = jax.nn.log_softmax(jnp.where(valid, s, 0.0) / temp, axis=-1)
+    log_pt = jax.nn.log_softmax(jnp.where(valid, t, 0.0) / temp, axis=-1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)        # [B, P]
+    return jnp.square(temp) * _safe_div(jnp.sum(kl * w), jnp.sum(w))
+
+
+def mlm_mse(student_logits, teacher_logits, weights) -> jax.Array:
+    """MSE of MLM logits at masked positions (:func:`logits_mse` per masked token).
+
+    ``L = sum_{b,p,v} w_bp (z_S[b,p,v] - z_T[b,p,v])^2 / (V sum_{b,p} w_bp)``.
+
+    Args:
+      student_logits: ``[B, P, V]`` float.
+      teacher_logits: ``[B, P, V]`` float.
+      weights: ``[B, P]`` float ``mlm_weights``.
+
+    Returns:
+      float32 scalar.
+    """
+    s, w, t = _check_mlm("mlm_mse", student_logits, weights, teacher_logits)
+    valid = (w > 0)[..., None]
+    s = jnp.where(valid, s, 0.0)
+    t = jnp.where(valid, t, 0.0)
+    num = jnp.sum(jnp.square(s - t) * w[..., None])
+    return _safe_div(num, s.shape[-1] * jnp.sum(w))
+
+
+def mean_teacher_logits(teacher_logits: Sequence[Any]) -> jax.Array:
+    """Prediction target of several teachers: the mean of their logits.
+
+    ``z_T = (1/K) sum_k z_T^(k)`` (TextBrewer's ``MultiTeacherDistiller`` and
+    big_vision's ensemble distillation average the teachers' logits). Every loss on
+    logits (``pred``, ``soft_ce``, ``mlm_kl``, ``mlm_mse``) then treats ``z_T`` as
+    one teacher. Terms on intermediate representations (``INTERMEDIATE_TERMS``)
+    have no such target: teachers' hidden states, attention and values live in
+    unrelated bases (and may differ in width, depth and heads), so their mean is
+    not a representation of any model.
+
+    Args:
+      teacher_logits: K >= 1 arrays of one shape (``[B, C]`` or ``[B, P, V]``).
+
+    Returns:
+      float32 array of that shape.
+
+    Raises:
+      ValueError: no teachers, a teacher without logits, or different shapes.
+    """
+    zs = list(teacher_logits)
+    if not zs or any(z is None for z in zs):
+        raise ValueError("mean_teacher_logits needs >= 1 teacher, each with logits "
+                         "(a teacher without a head has none)")
+    shapes = {tuple(jnp.shape(z)) for z in zs}
+    if len(shapes) != 1:
+        raise ValueError(f"teachers' logits differ in shape: {sorted(shapes)}")
+    return sum(_f32(z) for z in zs) / len(zs)
+
+
 # ---------------------------------------------------------------------------
 # dispatcher used by the trainer
 # ---------------------------------------------------------------------------
@@ -809,8 +981,14 @@ def distillation_loss(student_out, teacher_out, batch, *,
     * ``minilm``: :func:`minilm_loss` on the last layer's ``attention_scores``
       and ``values`` (MiniLM, Wang et al. 2020).
     * ``clf``: :func:`cross_entropy` against ``batch["labels"]``.
+    * ``mlm``: :func:`mlm_cross_entropy` of the student's MLM logits ``[B, P, V]``
+      against ``batch["mlm_labels"]`` (no teacher needed, like ``clf``).
+    * ``mlm_kl``: :func:`mlm_kl` with ``temperature``; ``mlm_mse``: :func:`mlm_mse`;
+      both against the teacher's MLM logits (a teacher with an MLM head).
 
     ``att``, ``hid``, ``pkd`` and ``att_kl`` use ``layer_map`` (mapped layers only).
+    The MLM terms weight each slot by ``batch["mlm_weights"] [B, P]`` times the
+    example weight (:mod:`kd_jax.masking`).
 
     A term whose weight is absent or a concrete 0 is not computed at all, so
     the model need not return the corresponding intermediates (and
@@ -824,7 +1002,8 @@ def distillation_loss(student_out, teacher_out, batch, *,
         layers 1..L), ``attention_scores`` (tuple of ``[B, h, T, T]``, layers
         1..L, pre-softmax, unmasked) and ``values`` (tuple of ``[B, T, h, d]``).
       batch: mapping with ``attention_mask [B, T]``, ``labels [B]`` (needed for
-        ``clf``) and ``example_mask [B]`` (example weights; all ones if
+        ``clf``), ``mlm_labels [B, P]`` (for ``mlm``), ``mlm_weights [B, P]`` (for
+        the MLM terms) and ``example_mask [B]`` (example weights; all ones if
         absent).
       weights: mapping from term names in ``DISTILL_TERMS`` to floats.
       layer_map: one 1-based teacher layer (or None: unmapped) per student
@@ -864,18 +1043,27 @@ def distillation_loss(student_out, teacher_out, batch, *,
     if not active:
         raise ValueError(
             f"no loss term has a non-zero weight (weights={dict(weights)}, alpha={alpha})")
-    kd_active = [n for n, _ in active if n != "clf"]
+    kd_active = [n for n, _ in active if n not in SUPERVISED_TERMS]
     if teacher_out is None and kd_active:
         raise ValueError(
             f"teacher_out is None but distillation term(s) {kd_active} have "
-            f"non-zero weight; only 'clf' can be used without a teacher")
+            f"non-zero weight; only {list(SUPERVISED_TERMS)} can be used without a teacher")
 
     logits = student_out.logits
+    attn_mask = batch.get("attention_mask")  # only needed by token-level terms
     if "example_mask" in batch:
         ex_w = batch["example_mask"]
     else:
-        ex_w = jnp.ones((jnp.shape(logits)[0],), jnp.float32)
-    attn_mask = batch.get("attention_mask")  # only needed by token-level terms
+        rows = jnp.shape(logits if logits is not None else attn_mask)[0]
+        ex_w = jnp.ones((rows,), jnp.float32)
+    if any(n in MLM_TERMS for n, _ in active):
+        mlm_w = _f32(batch["mlm_weights"]) * _f32(ex_w)[:, None]
+    for name in ("mlm_kl", "mlm_mse"):
+        if name in kd_active and (teacher_out.logits is None or jnp.ndim(teacher_out.logits) != 3):
+            raise ValueError(
+                f"{name} needs the teacher's MLM logits [B, P, V] (a teacher with the MLM "
+                f"head, head='mlm'); the teacher's logits are "
+                f"{None if teacher_out.logits is None else jnp.shape(teacher_out.logits)}")
 
     terms: dict[str, jax.Array] = {}
     for name, _ in active:
@@ -918,6 +1106,12 @@ def distillation_loss(student_out, teacher_out, batch, *,
                 student_out.values[-1], teacher_out.values[-1], attn_mask, ex_w)
         elif name == "clf":
             terms[name] = cross_entropy(logits, batch["labels"], ex_w)
+        elif name == "mlm":
+            terms[name] = mlm_cross_entropy(logits, batch["mlm_labels"], mlm_w)
+        elif name == "mlm_kl":
+            terms[name] = mlm_kl(logits, teacher_out.logits, mlm_w, temperature)
+        elif name == "mlm_mse":
+            terms[name] = mlm_mse(logits, teacher_out.logits, mlm_w)
 
     total = jnp.zeros((), jnp.float32)
     for name, w in active:

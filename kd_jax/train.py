@@ -3,9 +3,17 @@
 `train_and_evaluate(config, workdir)` runs the stages in `config.stages`:
 
 * `finetune_teacher`: the pretrained `config.model` with a fresh head, cross-entropy.
+* `general_distill` (`run_general_stage`, `<workdir>/general`): task-agnostic
+  distillation on unlabeled text with dynamic masking: a student with an MLM head
+  learns from the pretrained model (config.general: TinyBERT terms, MLM
+  cross-entropy, MLM logit KL / MSE, cosine); held-out MLM loss / accuracy instead
+  of macro-F1; `checkpoints/final` holds the student.
 * `distill`: a student initialised `from_scratch` / `from_base` / `from_teacher`
-  (paper §2.2), trained with the TinyBERT objective plus cross-entropy (§2.1), or
-  with cross-entropy alone when `config.distill.kd` is False (NON-KD).
+  (paper §2.2) or `from_general` (the general_distill student with a fresh
+  classification head), trained with the TinyBERT objective plus cross-entropy
+  (§2.1), or with cross-entropy alone when `config.distill.kd` is False (NON-KD).
+  Several teacher dirs in `config.teacher.checkpoint`: the target is the mean of
+  their logits.
 
 Each stage writes to `<workdir>/<stage dir>`: Orbax checkpoints (`checkpoints/latest`
 for resuming, `checkpoints/best` by val macro-F1; the teacher is never part of a
@@ -34,14 +42,22 @@ import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 from flax import struct
 
-from kd_jax import evaluation, hf_io, losses, sharding, student_init
-from kd_jax.data import batching, tsm
+from kd_jax import evaluation, hf_io, losses, masking, sharding, student_init
+from kd_jax.data import batching, text, tsm
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
-STAGES = ("finetune_teacher", "distill")
-STAGE_DIRS = {"finetune_teacher": "teacher", "distill": "student"}
-INIT_STRATEGIES = ("from_scratch", "from_base", "from_teacher")
+STAGES = ("finetune_teacher", "general_distill", "distill")
+STAGE_DIRS = {"finetune_teacher": "teacher", "general_distill": "general", "distill": "student"}
+# A stage whose file exists is finished and skipped on a rerun.
+FINISHED_FILES = {"finetune_teacher": "test.json", "general_distill": "heldout.json",
+                  "distill": "test.json"}
+INIT_STRATEGIES = ("from_scratch", "from_base", "from_teacher", "from_general")
+# Terms of the general_distill stage: no labels, and the student's logits are MLM logits.
+GENERAL_TERMS = tuple(t for t in losses.DISTILL_TERMS if t not in ("clf", "pred", "soft_ce"))
 DATASETS = {"tsm": (tsm.load_tsm, tsm.TSM_LABELS, tsm.TSM_LANGUAGES)}
+# config.precision -> compute dtype (EncoderConfig.dtype); parameters stay float32.
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+NONFINITE_MODES = ("stop", "skip")
 
 
 @struct.dataclass
@@ -98,6 +114,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       check(f"data.{field}", lang, known_languages)
   check("student.init", config.student.init, INIT_STRATEGIES)
   check("distill.prediction_loss", config.distill.prediction_loss, losses.PREDICTION_LOSSES)
+  check("precision", config.precision, PRECISIONS)
+  check("nonfinite", config.nonfinite, NONFINITE_MODES)
+  for axis in sharding.MESH_AXES:
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ValueError(f"config.mesh.{axis}={size!r} must be an int >= 1 or -1 (the rest)")
+  if sum(config.mesh[axis] == -1 for axis in sharding.MESH_AXES) > 1:
+    raise ValueError("config.mesh: only one of data, fsdp, tensor may be -1 (the rest), got "
+                     + ", ".join(f"{a}={config.mesh[a]}" for a in sharding.MESH_AXES))
   for term in config.distill.weights:
     check("distill.weights", term, losses.DISTILL_TERMS)
     if float(config.distill.weights[term]) < 0:
@@ -109,7 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   alpha = float(config.distill.alpha)
   if alpha > 1:
     raise ValueError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
-  for name in ("teacher", "student"):
+  for name in ("teacher", "student", "general"):
     tc = config[name].train
     if tc.batch_size < 1 or tc.eval_batch_size < 1:
       raise ValueError(f"config.{name}.train.batch_size and eval_batch_size must be >= 1")
@@ -118,6 +143,60 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   batching.validate_buckets(config.data.buckets, config.data.max_length)
   if config.data.max_length > 512:
     raise ValueError(f"config.data.max_length={config.data.max_length} exceeds 512 positions")
+  for term in losses.MLM_TERMS:
+    if float(config.distill.weights.get(term, 0.0)) > 0:
+      raise ValueError(f"config.distill.weights.{term}: MLM terms need masked text; they "
+                       "belong in config.general.weights (stage general_distill)")
+  teacher_dirs = _split_checkpoints(config.teacher.checkpoint)
+  if len(teacher_dirs) > 1 and config.distill.kd and "distill" in config.stages:
+    # The target of several teachers is the mean of their logits; their hidden states,
+    # attention and values live in unrelated bases (and may differ in width, depth and
+    # heads), so a mean of them is no representation to distill from.
+    bad = [t for t in losses.INTERMEDIATE_TERMS if float(config.distill.weights.get(t, 0)) > 0]
+    if bad:
+      raise ValueError(
+          f"config.teacher.checkpoint names {len(teacher_dirs)} teachers, but "
+          + ", ".join(f"config.distill.weights.{t}={config.distill.weights[t]}" for t in bad)
+          + " > 0: with several teachers only the logit terms (pred, soft_ce, clf) are "
+          "defined (target = mean of the teachers' logits); set those weights to 0")
+  gc = config.general
+  check("general.init", gc.init, student_init.STRATEGIES)
+  for term in gc.weights:
+    check("general.weights", term, GENERAL_TERMS)
+    if float(gc.weights[term]) < 0:
+      raise ValueError(f"config.general.weights.{term}={gc.weights[term]} is negative")
+  if "general_distill" in config.stages:
+    if not any(float(v) > 0 for v in gc.weights.values()):
+      raise ValueError("config.general.weights: no term has a positive weight")
+    if not 0 < float(gc.mask_rate) <= 1:
+      raise ValueError(f"config.general.mask_rate={gc.mask_rate} must be in (0, 1]")
+    if gc.heldout_size < 1:
+      raise ValueError(f"config.general.heldout_size={gc.heldout_size} must be >= 1")
+    batching.validate_buckets(gc.buckets, gc.max_length)
+    if gc.max_length > 512:
+      raise ValueError(f"config.general.max_length={gc.max_length} exceeds 512 positions")
+    for lang in gc.tsm_languages:
+      check("general.tsm_languages", lang, tsm.TSM_LANGUAGES)
+    if not (gc.text_files or gc.tsm_languages or gc.sib200_languages):
+      raise ValueError("config.general: no text; set text_files, tsm_languages or "
+                       "sib200_languages")
+
+
+def _split_checkpoints(value) -> tuple[str, ...]:
+  """config.teacher.checkpoint as a tuple of paths: "" -> (), "a" -> ("a",),
+  "a,b" (command line) or ("a", "b") (config file) -> ("a", "b")."""
+  if isinstance(value, str):
+    value = value.split(",")
+  return tuple(str(v).strip() for v in value if str(v).strip())
+
+
+def teacher_checkpoints(config: ml_collections.ConfigDict,
+                        workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
+  """The teacher stage dirs of `distill`: config.teacher.checkpoint, else <workdir>/teacher."""
+  dirs = _split_checkpoints(config.teacher.checkpoint)
+  if not dirs:
+    return (workdir / STAGE_DIRS["finetune_teacher"],)
+  return tuple(pathlib.Path(d) for d in dirs)
 
 
 # ---------------------------------------------------------------------------
@@ -131,9 +210,13 @@ def _decay_mask(params):
       params)
 
 
-def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int):
+def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int, nonfinite: str = "stop"):
   """AdamW with linear warmup then linear decay to 0, after global-norm clipping.
 
+  `nonfinite="skip"` wraps it in `optax.apply_if_finite`: a step with non-finite
+  gradients leaves the optimizer state (and, through zero updates, the parameters)
+  unchanged and counts it in the state's `total_notfinite` (checkpointed, so the count
+  survives a resume). The schedule's step count does not advance on skipped steps.
   Returns (optax.GradientTransformation, learning-rate schedule).
   """
   warmup = int(round(tc.warmup_ratio * num_train_steps))
@@ -145,6 +228,8 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int):
       optax.clip_by_global_norm(tc.max_grad_norm),
       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay,
                   mask=_decay_mask))
+  if nonfinite == "skip":
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)  # never apply a bad step
   return tx, schedule
 
 
@@ -163,62 +248,116 @@ def _outputs_needed(weights: Mapping[str, float]) -> dict[str, bool]:
 
 def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: Mapping[str, float],
                     layer_map: tuple[int | None, ...], prediction_loss: str, temperature: float,
-                    mesh, alpha: float = -1.0) -> Any:
+                    mesh, alpha: float = -1.0, state_sharding: Any = None,
+                    teacher_sharding: Any = None) -> Any:
   """Builds the jitted `train_step(state, teacher_params, batch, rng) -> (state, metrics)`.
 
   Teacher forward (frozen, deterministic, no gradient), student forward with
   dropout keyed by fold_in(rng, step), `value_and_grad` over the student's
   parameters (and projections) only, optax update. The state is donated; the batch
-  is sharded on the mesh's data axis, everything else replicated.
-  metrics: {"loss", one entry per computed term, "grad_norm"} float32 scalars.
+  is sharded over the mesh's batch axes (data, fsdp); the state and the teacher's
+  parameters with `state_sharding` / `teacher_sharding` (trees of NamedSharding, see
+  `create_train_state`; None: replicated), the rng and the metrics replicated.
+  metrics: {"loss", one entry per computed term, "grad_norm", "nonfinite_terms" (how
+  many of the others are NaN/Inf)} float32 scalars, and "skipped_steps" (total so far)
+  when `tx` comes from `make_optimizer(..., nonfinite="skip")`. Compute dtype is the
+  encoders' `config.dtype` (bf16 or fp32); gradients and updates are float32.
   `layer_map` is the loss map (None entries: unmapped student layers); `alpha` >= 0
   switches to alpha * clf + (1 - alpha) * KD terms (losses.apply_alpha).
+  Several teachers: `teacher` a tuple of Encoders and `teacher_params` a list of their
+  parameters; the teacher output is the first one's with logits replaced by the mean of
+  all teachers' logits (losses.mean_teacher_logits) and no intermediates.
+  A batch with `masked_positions` (kd_jax.masking) gives models with the MLM head
+  (`head="mlm"`) those positions, so their logits are [B, P, V] (the MLM terms).
   """
   weights = dict(weights)
-  kd = teacher is not None
+  teachers = (() if teacher is None else tuple(teacher) if isinstance(teacher, (tuple, list))
+              else (teacher,))
+  kd = bool(teachers)
   outputs = _outputs_needed(weights)
 
+  def apply(model, params, batch, **kwargs):
+    if "masked_positions" in batch and model.config.head == "mlm":
+      kwargs["masked_positions"] = batch["masked_positions"]
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs)
+
   def train_step(state: TrainState, teacher_params, batch, rng):
-    model_inputs = (batch["input_ids"], batch["attention_mask"])
     teacher_out = None
+    if len(teachers) == 1:
+      teacher_out = apply(teachers[0], teacher_params, batch, deterministic=True, **outputs)
+    elif teachers:
+      outs = [apply(t, p, batch, deterministic=True, **outputs)
+              for t, p in zip(teachers, teacher_params)]
+      teacher_out = type(outs[0])(logits=losses.mean_teacher_logits([o.logits for o in outs]),
+                                  last_hidden_state=None)
     if kd:
-      teacher_out = teacher.apply({"params": teacher_params}, *model_inputs,
-                                  deterministic=True, **outputs)
       teacher_out = jax.lax.stop_gradient(teacher_out)
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-      student_out = student.apply({"params": params["model"]}, *model_inputs,
-                                  deterministic=False, rngs={"dropout": dropout_rng}, **outputs)
+      student_out = apply(student, params["model"], batch, deterministic=False,
+                          rngs={"dropout": dropout_rng}, **outputs)
       return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
                                       layer_map=layer_map, prediction_loss=prediction_loss,
                                       temperature=temperature, projections=params["proj"],
                                       alpha=alpha)
 
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    terms["grad_norm"] = optax.tree.norm(grads)
+    # Per-term finiteness in the step: the loop fetches one scalar to decide.
+    terms["nonfinite_terms"] = sum(jnp.logical_not(jnp.isfinite(v)).astype(jnp.float32)
+                                   for v in terms.values())
+    skipping = isinstance(state.opt_state, optax.ApplyIfFiniteState)
+    if skipping:  # apply_if_finite reads the gradients only: also skip a non-finite loss
+      finite = terms["nonfinite_terms"] == 0
+      grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    terms["grad_norm"] = optax.tree.norm(grads)
+    if skipping:
+      terms["skipped_steps"] = opt_state.total_notfinite.astype(jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), terms
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(repl, repl, data, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  state_sharding = repl if state_sharding is None else state_sharding
+  teacher_sharding = repl if teacher_sharding is None else teacher_sharding
+  return jax.jit(train_step, in_shardings=(state_sharding, teacher_sharding, data, repl),
+                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
 
-def make_predict_step(model: Encoder, mesh):
-  """Jitted `predict(params, batch) -> [B] int32 argmax of the logits` (replicated out)."""
+def make_predict_step(model: Encoder, mesh, params_sharding: Any = None):
+  """Jitted `predict(params, batch) -> [B] int32 argmax of the logits` (replicated out).
+
+  `params_sharding`: tree of NamedSharding of the parameters (None: replicated)."""
   def predict(params, batch):
     logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+  params_sharding = sharding.replicated(mesh) if params_sharding is None else params_sharding
+  return jax.jit(predict, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
-def _local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's rows of a global host batch (all of it with one process)."""
-  n, i = jax.process_count(), jax.process_index()
-  return {k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in batch.items()}
+def create_train_state(trainable: Any, tx, mesh) -> tuple[TrainState, TrainState]:
+  """The initial TrainState placed on `mesh`, and the tree of its shardings.
+
+  Parameters (cast to float32: the master copy, whatever the compute dtype) get
+  `sharding.param_shardings`; the optimizer state mirrors them
+  (`sharding.optimizer_state_shardings`: Adam's mu and nu follow their parameter,
+  counters replicated) and is created sharded by a jitted `tx.init`. `trainable`
+  holds host values that are the same on every process.
+  Returns (state, state_sharding); the latter goes to `make_train_step` and, as the
+  restore target's shardings, to Orbax.
+  """
+  as_f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  trainable = jax.tree.map(lambda x: as_f32(np.asarray(x)), trainable)
+  params_sharding = sharding.param_shardings(trainable, mesh)
+  params = sharding.shard_tree(trainable, params_sharding)
+  opt_sharding = sharding.optimizer_state_shardings(tx, jax.eval_shape(tx.init, params),
+                                                    params_sharding, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+  repl = sharding.replicated(mesh)
+  state_sharding = TrainState(step=repl, params=params_sharding, opt_state=opt_sharding)
+  step = sharding.shard_tree(np.zeros((), np.int32), repl)
+  return TrainState(step=step, params=params, opt_state=opt_state), state_sharding
 
 
 def evaluate(predict, params, data: batching.TokenizedData, *, batch_size: int, buckets,
@@ -228,7 +367,7 @@ def evaluate(predict, params, data: batching.TokenizedData, *, batch_size: int, 
   for batch in batching.batches(data, batch_size, buckets, pad_id, shuffle=False,
                                 drop_remainder=False):
     index = batch.pop("example_index")
-    pred = np.asarray(predict(params, sharding.shard_batch(_local_rows(batch), mesh)))
+    pred = np.asarray(predict(params, sharding.shard_global_batch(batch, mesh)))
     predictions[index[index >= 0]] = pred[index >= 0]
   return evaluation.classification_metrics(
       data.labels, predictions, data.language_ids, list(data.language_order), num_classes,
@@ -238,11 +377,13 @@ def evaluate(predict, params, data: batching.TokenizedData, *, batch_size: int, 
 # ---------------------------------------------------------------------------
 # models and data for a stage
 # ---------------------------------------------------------------------------
-def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict) -> EncoderConfig:
+def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict,
+                   init: str | None = None) -> EncoderConfig:
   """Student EncoderConfig: `num_layers` layers; when `hidden_size` is narrower, heads and
-  intermediate size shrink in proportion (head size kept; paper §2.2, Xu et al. 2024)."""
+  intermediate size shrink in proportion (head size kept; paper §2.2, Xu et al. 2024).
+  `init`: the initialisation strategy (default `sc.init`; general_distill passes its own)."""
   hidden = sc.hidden_size or teacher.hidden_size
-  if hidden > teacher.hidden_size and sc.init != "from_scratch":
+  if hidden > teacher.hidden_size and (init or sc.init) != "from_scratch":
     raise ValueError(f"config.student.hidden_size={hidden} is wider than the teacher's "
                      f"{teacher.hidden_size}; weight copying needs hidden_size <= teacher's")
   ratio = hidden / teacher.hidden_size
@@ -287,9 +428,23 @@ def _best_params_manager(stage_dir: pathlib.Path, create: bool) -> ocp.Checkpoin
                                            best_mode="max", create=create))
 
 
-def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
+def _check_shapes(target: Any, restored: Any) -> None:
+  """Raises ValueError naming the first leaf whose restored shape differs from the
+  target's (Orbax restores numpy targets as saved, without comparing shapes)."""
+  def check(path, t, r):
+    if np.shape(t) != np.shape(r):
+      raise ValueError(f"{sharding.path_name(path)}: saved shape {np.shape(r)}, "
+                       f"expected {np.shape(t)}")
+  jax.tree_util.tree_map_with_path(check, target, restored)
+
+
+def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig, *,
+                        as_numpy: bool = False) -> dict:
   """The best-val parameters saved by a stage (e.g. the fine-tuned teacher).
 
+  `as_numpy`: host numpy arrays, read in full by every process (the teacher: weight
+  copying reads them, then they are sharded with `sharding.shard_tree`); else arrays
+  on the default device (one process).
   Raises FileNotFoundError naming the directory when there is no such checkpoint."""
   ckpt_dir = stage_dir / "checkpoints" / "best"
   if not ckpt_dir.is_dir():
@@ -299,8 +454,12 @@ def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
   if step is None:
     raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
   target = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  if as_numpy:
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    _check_shapes(target, params)
+    return params
   except (ValueError, KeyError) as e:
     raise ValueError(f"{ckpt_dir}/{step}: checkpoint does not match the model config "
                      f"{stage_dir / 'model_config.json'}: {e}") from e
@@ -348,8 +507,9 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   stage_dir = workdir / STAGE_DIRS[stage]
   is_teacher = stage == "finetune_teacher"
   tc = config.teacher.train if is_teacher else config.student.train
-  batching.check_batch_size(tc.batch_size, mesh.shape[sharding.DATA_AXIS])
-  batching.check_batch_size(tc.eval_batch_size, mesh.shape[sharding.DATA_AXIS])
+  batching.check_batch_size(tc.batch_size, sharding.batch_divisor(mesh))
+  batching.check_batch_size(tc.eval_batch_size, sharding.batch_divisor(mesh))
+  compute_dtype = PRECISIONS[config.precision]
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng, proj_rng, dropout_rng = jax.random.split(rng, 4)
 
@@ -361,47 +521,71 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   overrides = {"hidden_dropout": config.hidden_dropout, "attention_dropout": config.attention_dropout,
                "classifier_dropout": config.hidden_dropout}
 
-  teacher_model = teacher_params = None
+  teacher_model = teacher_params = teacher_sharding = None
   weights = {"clf": 1.0}
   layer_map: tuple[int, ...] = ()
   loss_layer_map: tuple[int | None, ...] = ()
   alpha = -1.0
   if is_teacher:
     model_cfg, params, _ = hf_io.load_pretrained(config.model, num_labels=num_classes,
-                                                 init_rng=head_rng, config_overrides=overrides)
+                                                 init_rng=head_rng, config_overrides=overrides,
+                                                 head="sequence")
     provenance = None
   else:
-    teacher_dir = pathlib.Path(config.teacher.checkpoint or workdir / STAGE_DIRS["finetune_teacher"])
-    teacher_cfg, _ = _load_model_config(teacher_dir)
-    if teacher_cfg.num_labels != num_classes:
-      raise ValueError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
-                       f"{teacher_cfg.num_labels} but {config.data.name} has {num_classes} classes")
-    teacher_params = restore_best_params(teacher_dir, teacher_cfg)
-    model_cfg = student_config(teacher_cfg, config.student)
-    layer_map, loss_layer_map = student_init.resolve_layer_maps(
-        teacher_cfg.num_layers, model_cfg.num_layers,
-        student_strategy=config.student.layer_map_strategy,
-        student_layer_map=tuple(config.student.layer_map) or None,
-        distill_strategy=config.distill.layer_map_strategy,
-        distill_layer_map=tuple(config.distill.layer_map) or None)
-    random_params = init_params(model_cfg, init_rng)
-    base_params = None
-    if config.student.init == "from_base":
-      _, base_params, _ = hf_io.load_pretrained(config.model, num_labels=num_classes,
-                                                init_rng=head_rng)
-    params, provenance = student_init.init_student(
-        config.student.init, random_params, teacher_params=teacher_params,
-        base_params=base_params, layer_map=layer_map)
+    from_general = config.student.init == "from_general"
+    teachers = []  # (EncoderConfig, host params) per teacher stage dir
+    if config.distill.kd or not from_general:  # a from_general NON-KD run needs no teacher
+      for teacher_dir in teacher_checkpoints(config, workdir):
+        teacher_cfg, _ = _load_model_config(teacher_dir)
+        if teacher_cfg.num_labels != num_classes:
+          raise ValueError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
+                           f"{teacher_cfg.num_labels} but {config.data.name} has {num_classes} "
+                           "classes")
+        teachers.append((teacher_cfg, restore_best_params(teacher_dir, teacher_cfg,
+                                                          as_numpy=True)))
+    teacher_cfg, teacher_params = teachers[0] if teachers else (None, None)
+    if from_general:
+      model_cfg, params, general_info = load_general_student(config, workdir, num_classes,
+                                                             head_rng)
+      layer_map = tuple(general_info.get("layer_map", ()))
+      provenance = None
+    else:
+      model_cfg = student_config(teacher_cfg, config.student)
+    if teachers:
+      init_map, loss_layer_map = student_init.resolve_layer_maps(
+          teacher_cfg.num_layers, model_cfg.num_layers,
+          student_strategy=config.student.layer_map_strategy,
+          student_layer_map=tuple(config.student.layer_map) or None,
+          distill_strategy=config.distill.layer_map_strategy,
+          distill_layer_map=tuple(config.distill.layer_map) or None)
+      layer_map = layer_map if from_general else init_map
+    if not from_general:
+      if len(teachers) > 1 and config.student.init == "from_teacher":
+        logging.info("student init from_teacher: several teachers, copying from the first (%s)",
+                     teacher_checkpoints(config, workdir)[0])
+      random_params = init_params(model_cfg, init_rng)
+      base_params = None
+      if config.student.init == "from_base":
+        _, base_params, _ = hf_io.load_pretrained(config.model, num_labels=num_classes,
+                                                  init_rng=head_rng, head="sequence")
+      params, provenance = student_init.init_student(
+          config.student.init, random_params, teacher_params=teacher_params,
+          base_params=base_params, layer_map=layer_map)
     if provenance:
       logging.info("student init %s:\n%s", config.student.init,
                    student_init.describe_provenance(provenance))
     if config.distill.kd:
       weights = {k: float(v) for k, v in config.distill.weights.items() if float(v) > 0}
       alpha = float(config.distill.alpha)
-      logging.info("distill: weights %s, alpha %s, loss layer map %s", weights, alpha,
-                   list(loss_layer_map))
-      teacher_model = Encoder(teacher_cfg)
-      teacher_params = sharding.replicate(teacher_params, mesh)
+      logging.info("distill: %d teacher(s), weights %s, alpha %s, loss layer map %s",
+                   len(teachers), weights, alpha, list(loss_layer_map))
+      models = tuple(Encoder(c.replace(dtype=compute_dtype)) for c, _ in teachers)
+      shardings = [sharding.param_shardings(p, mesh) for _, p in teachers]
+      placed = [sharding.shard_tree(p, sh) for (_, p), sh in zip(teachers, shardings)]
+      if len(teachers) == 1:
+        teacher_model, teacher_sharding, teacher_params = models[0], shardings[0], placed[0]
+      else:  # prediction target: the mean of the teachers' logits (make_train_step)
+        teacher_model, teacher_sharding, teacher_params = models, shardings, placed
     else:
       teacher_params = None
 
@@ -419,20 +603,19 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                                              "data": config.data.name,
                                              "labels": list(data.labels)})
 
-  student = Encoder(model_cfg.replace(**overrides))
+  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat)
   proj = {}
-  if teacher_model is not None and model_cfg.hidden_size != teacher_model.config.hidden_size:
-    shape = (model_cfg.hidden_size, teacher_model.config.hidden_size)
+  first_teacher = teacher_model[0] if isinstance(teacher_model, tuple) else teacher_model
+  if first_teacher is not None and model_cfg.hidden_size != first_teacher.config.hidden_size:
+    shape = (model_cfg.hidden_size, first_teacher.config.hidden_size)
     keys = jax.random.split(proj_rng, len(losses.PROJECTION_KEYS))
     proj = {name: 0.02 * jax.random.normal(k, shape)
             for name, k in zip(losses.PROJECTION_KEYS, keys) if weights.get(name, 0) > 0}
   trainable = {"model": jax.tree.map(jnp.asarray, params), "proj": proj}
-  tx, schedule = make_optimizer(tc, num_steps)
-  state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                                        opt_state=tx.init(trainable)), mesh)
+  tx, schedule = make_optimizer(tc, num_steps, config.nonfinite)
+  state, state_sharding = create_train_state(trainable, tx, mesh)
 
-  latest = ocp.CheckpointManager(stage_dir / "checkpoints" / "latest",
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  latest = _latest_manager(stage_dir)
   best = _best_params_manager(stage_dir, create=True)
   best_val, best_metrics = -1.0, None
   if latest.latest_step() is not None:
@@ -445,8 +628,10 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   train_step = make_train_step(student, teacher_model, tx, weights=weights,
                                layer_map=loss_layer_map,
                                prediction_loss=config.distill.prediction_loss,
-                               temperature=config.distill.temperature, mesh=mesh, alpha=alpha)
-  predict = make_predict_step(Encoder(model_cfg), mesh)
+                               temperature=config.distill.temperature, mesh=mesh, alpha=alpha,
+                               state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+  predict = make_predict_step(Encoder(model_cfg.replace(dtype=compute_dtype)), mesh,
+                              state_sharding.params["model"])
   eval_kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                      pad_id=data.pad_id, mesh=mesh, num_classes=num_classes,
                      seen_languages=tuple(config.data.seen_languages) or None)
@@ -482,6 +667,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
 
   epoch_iter = None
   stop_after = tc.stop_after_steps
+  pending = None  # (stage, step, metrics) not yet checked for non-finite values
+  dropout_rng = sharding.replicate(dropout_rng, mesh)
   while step < num_steps:
     epoch, offset = divmod(step, spe)
     if epoch_iter is None:  # the order is a pure function of (seed, epoch): exact resume
@@ -492,24 +679,34 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
     batch = next(epoch_iter)
     batch.pop("example_index")
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = train_step(state, teacher_params, sharding.shard_batch(_local_rows(batch), mesh),
+      state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),
                                   dropout_rng)
     step += 1
     if step % spe == 0:
       epoch_iter = None
+    # nonfinite="stop": the previous step is checked once this one is queued (one scalar
+    # fetched, dispatch stays a step ahead); a step that logs, evaluates, saves or stops
+    # is checked at once, so no checkpoint or result ever holds a non-finite state.
+    preempted = preemption.requested  # read once: a step is checked before it is saved
+    if pending is not None:
+      _check_finite(*pending)
+    pending = (stage, step, metrics) if config.nonfinite == "stop" else None
+    if pending is not None and (
+        step % tc.log_every_steps == 0 or step % tc.eval_every_steps == 0 or step == num_steps
+        or step % tc.checkpoint_every_steps == 0 or preempted or 0 < stop_after <= step):
+      _check_finite(*pending)
+      pending = None
     report(step)
     if step % tc.log_every_steps == 0 or step == num_steps:
       scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
       scalars["train/learning_rate"] = float(schedule(step - 1))
-      if not all(math.isfinite(v) for v in scalars.values()):
-        raise FloatingPointError(f"step {step}: non-finite training metrics {scalars}")
       writer.write_scalars(step, scalars)
     if step % tc.eval_every_steps == 0 or step == num_steps:
       do_eval(step)
-    if step % tc.checkpoint_every_steps == 0 or step == num_steps or preemption.requested:
+    if step % tc.checkpoint_every_steps == 0 or step == num_steps or preempted:
       latest.save(step, args=ocp.args.StandardSave(state))
     # stop_after_steps simulates a hard kill (no extra save), for resume tests.
-    if preemption.requested or 0 < stop_after <= step < num_steps:
+    if preempted or 0 < stop_after <= step < num_steps:
       latest.wait_until_finished()
       logging.info("stopped after step %d; run the same command again to resume", step)
       writer.flush()
@@ -530,6 +727,355 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   return test_metrics
 
 
+def _check_finite(stage: str, step: int, metrics: Mapping[str, jax.Array]) -> None:
+  """Raises FloatingPointError naming the step and the non-finite loss terms (or
+  grad_norm) when the step's "nonfinite_terms" count is not 0."""
+  if float(metrics["nonfinite_terms"]) == 0:
+    return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_terms"}
+  bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+  raise FloatingPointError(
+      f"{stage} step {step}: non-finite loss term(s) {bad} (metrics {values}); nothing was "
+      "saved for this step. Lower the learning rate, or set config.nonfinite='skip' to skip "
+      "such steps.")
+
+
+def _latest_manager(stage_dir: pathlib.Path) -> ocp.CheckpointManager:
+  """Orbax manager of the resumable state (`checkpoints/latest`, the newest step only).
+
+  What makes a save killed half-way (SIGKILL, power loss) harmless is Orbax's own
+  atomicity: a step is written into `<step>.orbax-checkpoint-tmp-<n>` and becomes
+  `<step>` only after every process has finished writing (a `commit_success.txt` is
+  written, then the directory is atomically renamed; on object stores without atomic
+  rename Orbax relies on the commit file instead). `latest_step()` lists finished steps
+  only, and the previous step is deleted only after the new one is committed, so a
+  killed save leaves the last complete checkpoint in place and a rerun resumes from it.
+  `cleanup_tmp_directories` removes the half-written directory when the manager is
+  created again.
+  """
+  return ocp.CheckpointManager(
+      stage_dir / "checkpoints" / "latest",
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           cleanup_tmp_directories=True))
+
+
+# ---------------------------------------------------------------------------
+# general (task-agnostic) distillation: masked language modelling on unlabeled text
+# ---------------------------------------------------------------------------
+def _final_params_manager(stage_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
+  """`checkpoints/final`: the general_distill student's parameters (MLM head included)."""
+  return ocp.CheckpointManager(stage_dir / "checkpoints" / "final",
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create))
+
+
+def restore_stage_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
+  """Host (numpy) parameters of a finished stage: `checkpoints/final` (general_distill),
+  else `checkpoints/best` (finetune_teacher, distill).
+
+  Raises:
+    FileNotFoundError: naming the directory, when the stage has no finished checkpoint.
+    ValueError: the checkpoint does not fit `cfg` (model_config.json).
+  """
+  final_dir = stage_dir / "checkpoints" / "final"
+  if not final_dir.is_dir():
+    return restore_best_params(stage_dir, cfg, as_numpy=True)
+  mngr = _final_params_manager(stage_dir, create=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{final_dir}: no complete checkpoint (did the stage finish?)")
+  target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                        jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{final_dir}/{step}: checkpoint does not match the model config "
+                     f"{stage_dir / 'model_config.json'}: {e}") from e
+
+
+def load_general_teacher(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, dict, str]:
+  """The teacher of general_distill: `config.general.teacher`, default `config.model`.
+
+  A kd_jax stage dir (with model_config.json) gives its final (else best) parameters;
+  anything else is loaded with `hf_io.load_pretrained(..., num_labels=0)`, which keeps
+  an MLM head when the checkpoint's architecture has one (`*ForMaskedLM`).
+  Returns (EncoderConfig, host params, the name used).
+  """
+  name = config.general.teacher or config.model
+  path = pathlib.Path(name)
+  if (path / "model_config.json").is_file():
+    cfg, _ = _load_model_config(path)
+    return cfg, restore_stage_params(path, cfg), name
+  cfg, params, _ = hf_io.load_pretrained(name, num_labels=0)
+  return cfg, params, name
+
+
+def _init_general_student(config: ml_collections.ConfigDict, random_params: dict,
+                          teacher_params: dict, layer_map) -> tuple[dict, Any]:
+  """config.general.init applied to the MLM student: weights copied from the teacher or
+  the pretrained `config.model` (student_init); the MLM head is copied when the source
+  has one and otherwise keeps its random initialisation (the decoder is the word
+  embedding table, copied either way)."""
+  init = config.general.init
+  if init == "from_scratch":
+    return random_params, None
+  source = teacher_params
+  if init == "from_base":
+    _, source, _ = hf_io.load_pretrained(config.model, num_labels=0)
+  fresh = {k: v for k, v in random_params.items() if k == "lm_head" and k not in source}
+  target = {k: v for k, v in random_params.items() if k not in fresh}
+  params, provenance = student_init.init_student(
+      init, target, teacher_params=source if init == "from_teacher" else None,
+      base_params=source if init == "from_base" else None, layer_map=layer_map)
+  return {**params, **fresh}, provenance
+
+
+def load_general_student(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                         num_classes: int, head_rng) -> tuple[EncoderConfig, dict, dict]:
+  """Student of `student.init="from_general"`: the general_distill student's final weights
+  (`config.student.checkpoint`, default <workdir>/general) without its MLM head, plus a
+  freshly initialised sequence-classification head (pooler, classifier).
+
+  Returns (EncoderConfig with head "sequence", host params, the stage's model_config.json).
+  Raises:
+    FileNotFoundError: no finished general_distill stage there.
+    ValueError: not a general_distill stage, or its depth / width differ from
+      config.student.num_layers / hidden_size.
+  """
+  general_dir = pathlib.Path(config.student.checkpoint or workdir / STAGE_DIRS["general_distill"])
+  if not (general_dir / "model_config.json").is_file():
+    raise FileNotFoundError(
+        f"{general_dir / 'model_config.json'} does not exist: config.student.init="
+        "'from_general' needs a finished general_distill stage (config.student.checkpoint, "
+        "default <workdir>/general)")
+  cfg, info = _load_model_config(general_dir)
+  if info.get("stage") != "general_distill" or cfg.head != "mlm":
+    raise ValueError(f"{general_dir}: config.student.checkpoint must be a general_distill stage "
+                     f"dir (its model_config.json says stage={info.get('stage')!r})")
+  sc = config.student
+  if cfg.num_layers != sc.num_layers or (sc.hidden_size and cfg.hidden_size != sc.hidden_size):
+    raise ValueError(f"{general_dir}: the general student has {cfg.num_layers} layers of width "
+                     f"{cfg.hidden_size}, but config.student.num_layers={sc.num_layers}, "
+                     f"config.student.hidden_size={sc.hidden_size}")
+  params = restore_stage_params(general_dir, cfg)
+  model_cfg = cfg.replace(head="sequence", num_labels=num_classes)
+  fresh = init_params(model_cfg, head_rng)
+  params = {k: v for k, v in params.items() if k != "lm_head"}
+  params.update({k: jax.tree.map(np.asarray, v) for k, v in fresh.items() if k not in params})
+  logging.info("student init from_general: %s (MLM head dropped; new %s)", general_dir,
+               sorted(k for k in fresh if k not in ("embeddings",) and not k.startswith("layer_")))
+  return model_cfg, params, info
+
+
+def make_mlm_eval_step(model: Encoder, mesh, params_sharding: Any = None):
+  """Jitted `mlm_eval(params, batch) -> (nll, correct, count)`, each float32 [B]: per row,
+  the summed cross-entropy, number of correct argmax predictions and number of masked
+  tokens (weighted by mlm_weights), at `batch["masked_positions"]`."""
+  def mlm_eval(params, batch):
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         masked_positions=batch["masked_positions"]).logits
+    logits = logits.astype(jnp.float32)
+    labels = batch["mlm_labels"]
+    w = batch["mlm_weights"].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return (jnp.sum(jnp.where(w > 0, nll, 0.0) * w, -1), jnp.sum(correct * w, -1),
+            jnp.sum(w, -1))
+  params_sharding = sharding.replicated(mesh) if params_sharding is None else params_sharding
+  return jax.jit(mlm_eval, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_mlm(mlm_eval, params, data: batching.TokenizedData, spec: masking.MaskingSpec, *,
+                 batch_size: int, buckets, pad_id: int, seed: int, mesh) -> dict:
+  """MLM loss (mean cross-entropy per masked token, nats) and accuracy (%) on `data`,
+  overall and per text source. Masks come from masking_rng(seed, HELDOUT_STREAM, batch
+  number), so every evaluation of a run sees the same masked tokens."""
+  sources = list(data.language_order)
+  sums = np.zeros((3, len(sources)))
+  for i, batch in enumerate(batching.batches(data, batch_size, buckets, pad_id, shuffle=False,
+                                             drop_remainder=False)):
+    source = batch["language_ids"]
+    masked = masking.mask_batch(batch, spec, masking.masking_rng(seed, masking.HELDOUT_STREAM, i))
+    out = jax.device_get(mlm_eval(params, sharding.shard_global_batch(masked, mesh)))
+    for k in range(3):
+      np.add.at(sums[k], source, np.asarray(out[k], np.float64))  # padding rows add 0
+
+  def metrics(nll, correct, count):
+    return {"mlm_loss": float(nll / max(count, 1)),
+            "mlm_accuracy": float(100 * correct / max(count, 1)), "num_masked": int(count)}
+  return {"overall": metrics(*sums.sum(1)),
+          "per_source": {name: metrics(*sums[:, j]) for j, name in enumerate(sources)}}
+
+
+def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+                      preemption: PreemptionGuard | None = None) -> dict:
+  """general_distill: task-agnostic distillation of a student with an MLM head on unlabeled
+  text (config.general), to the end or resumed; returns the held-out MLM metrics, or {}
+  when it stopped early.
+
+  The teacher (`load_general_teacher`) and the student see the same dynamically masked
+  batch (kd_jax.masking, a pure function of (seed, step)); the objective is
+  config.general.weights over GENERAL_TERMS (e.g. att + hid + embd + mlm). Writes
+  `<workdir>/general/`: checkpoints/latest (resumable state), checkpoints/final (the
+  student with its MLM head), model_config.json, TensorBoard events (train terms,
+  heldout/mlm_loss, heldout/mlm_accuracy) and heldout.json at the end.
+  """
+  preemption = preemption or PreemptionGuard()
+  gc, tc = config.general, config.general.train
+  stage_dir = workdir / STAGE_DIRS[stage]
+  batching.check_batch_size(tc.batch_size, sharding.batch_divisor(mesh))
+  batching.check_batch_size(tc.eval_batch_size, sharding.batch_divisor(mesh))
+  compute_dtype = PRECISIONS[config.precision]
+  init_rng, proj_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+  # Everything that can fail on bad input happens before the first step.
+  tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(config.model))
+  spec = masking.MaskingSpec.from_tokenizer(tokenizer, float(gc.mask_rate))
+  data = text.load_text_data(
+      tokenizer, max_length=gc.max_length, heldout_size=gc.heldout_size, seed=config.seed,
+      text_files=tuple(gc.text_files), tsm_languages=tuple(gc.tsm_languages),
+      sib200_languages=tuple(gc.sib200_languages), data_dir=config.data.data_dir or None)
+  logging.info("general text: %d train / %d held-out texts from %s; %d truncated at %d tokens",
+               len(data.train), len(data.heldout), list(data.train.language_order),
+               data.train.num_truncated, gc.max_length)
+  weights = {k: float(v) for k, v in gc.weights.items() if float(v) > 0}
+  teacher_cfg, teacher_params, teacher_name = load_general_teacher(config)
+  needs_mlm = sorted(t for t in ("mlm_kl", "mlm_mse") if t in weights)
+  if needs_mlm and teacher_cfg.head != "mlm":
+    raise ValueError(
+        f"config.general.weights.{needs_mlm[0]} > 0 needs a teacher with an MLM head, but the "
+        f"teacher {teacher_name!r} (config.general.teacher, default config.model) has head "
+        f"{teacher_cfg.head!r}; use a *ForMaskedLM checkpoint or a general_distill stage dir, "
+        "or set those weights to 0")
+  if spec.vocab_size > teacher_cfg.vocab_size:
+    raise ValueError(f"the tokenizer of config.model has {spec.vocab_size} tokens but the "
+                     f"teacher {teacher_name!r} only {teacher_cfg.vocab_size} embeddings")
+  model_cfg = student_config(teacher_cfg, config.student, init=gc.init).replace(
+      head="mlm", num_labels=0)
+  layer_map, loss_layer_map = student_init.resolve_layer_maps(
+      teacher_cfg.num_layers, model_cfg.num_layers,
+      student_strategy=config.student.layer_map_strategy,
+      student_layer_map=tuple(config.student.layer_map) or None,
+      distill_strategy=config.distill.layer_map_strategy,
+      distill_layer_map=tuple(config.distill.layer_map) or None)
+  params, provenance = _init_general_student(config, init_params(model_cfg, init_rng),
+                                             teacher_params, layer_map)
+  if provenance:
+    logging.info("general student init %s from %s:\n%s", gc.init, teacher_name,
+                 student_init.describe_provenance(provenance))
+  teacher_model = teacher_sharding = None
+  if any(t not in losses.SUPERVISED_TERMS for t in weights):
+    teacher_model = Encoder(teacher_cfg.replace(dtype=compute_dtype))
+    teacher_sharding = sharding.param_shardings(teacher_params, mesh)
+    teacher_params = sharding.shard_tree(teacher_params, teacher_sharding)
+  else:
+    teacher_params = None
+  logging.info("general_distill: teacher %s, weights %s, loss layer map %s", teacher_name,
+               weights, list(loss_layer_map))
+
+  spe = batching.steps_per_epoch(data.train, tc.batch_size, gc.buckets)
+  if spe == 0:
+    raise ValueError(f"config.general.train.batch_size={tc.batch_size} is larger than every "
+                     "length bucket of the text")
+  num_steps = tc.num_train_steps if tc.num_train_steps > 0 else math.ceil(tc.num_epochs * spe)
+
+  stage_dir.mkdir(parents=True, exist_ok=True)
+  _save_model_config(stage_dir, model_cfg, {
+      "stage": stage, "base_model": config.model, "teacher": teacher_name,
+      "layer_map": list(layer_map), "loss_layer_map": list(loss_layer_map), "init": gc.init,
+      "weights": weights, "text_sources": list(data.train.language_order),
+      "train_texts": len(data.train), "heldout_texts": len(data.heldout)})
+
+  overrides = {"hidden_dropout": config.hidden_dropout,
+               "attention_dropout": config.attention_dropout}
+  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat)
+  proj = {}
+  if teacher_model is not None and model_cfg.hidden_size != teacher_cfg.hidden_size:
+    shape = (model_cfg.hidden_size, teacher_cfg.hidden_size)
+    keys = jax.random.split(proj_rng, len(losses.PROJECTION_KEYS))
+    proj = {name: 0.02 * jax.random.normal(k, shape)
+            for name, k in zip(losses.PROJECTION_KEYS, keys) if weights.get(name, 0) > 0}
+  tx, schedule = make_optimizer(tc, num_steps, config.nonfinite)
+  state, state_sharding = create_train_state({"model": params, "proj": proj}, tx, mesh)
+  latest = _latest_manager(stage_dir)
+  final = _final_params_manager(stage_dir, create=True)
+  if latest.latest_step() is not None:
+    state = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info("resumed %s from step %d", stage_dir, int(state.step))
+
+  train_step = make_train_step(student, teacher_model, tx, weights=weights,
+                               layer_map=loss_layer_map, prediction_loss="mse",
+                               temperature=float(gc.temperature), mesh=mesh,
+                               state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+  mlm_eval = make_mlm_eval_step(Encoder(model_cfg.replace(dtype=compute_dtype)), mesh,
+                                state_sharding.params["model"])
+  eval_kwargs = {"batch_size": tc.eval_batch_size, "buckets": gc.buckets,
+                 "pad_id": tokenizer.pad_token_id, "seed": config.seed, "mesh": mesh}
+
+  writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
+  if int(state.step) == 0:
+    writer.write_hparams({"stage": stage, "num_train_steps": num_steps, "steps_per_epoch": spe,
+                          "train_texts": len(data.train), "heldout_texts": len(data.heldout),
+                          "mask_rate": float(gc.mask_rate)})
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  step = int(state.step)
+  logging.info("%s: %d steps (%d per epoch), start at %d", stage, num_steps, spe, step)
+
+  def do_eval(step) -> dict:
+    metrics = evaluate_mlm(mlm_eval, state.params["model"], data.heldout, spec, **eval_kwargs)
+    writer.write_scalars(step, {f"heldout/{k}": v for k, v in metrics["overall"].items()
+                                if k != "num_masked"})
+    logging.info("step %d held-out MLM loss %.4f, accuracy %.2f%%", step,
+                 metrics["overall"]["mlm_loss"], metrics["overall"]["mlm_accuracy"])
+    return metrics
+
+  epoch_iter = None
+  stop_after = tc.stop_after_steps
+  dropout_rng = sharding.replicate(dropout_rng, mesh)
+  while step < num_steps:
+    epoch, offset = divmod(step, spe)
+    if epoch_iter is None:  # the order is a pure function of (seed, epoch): exact resume
+      epoch_iter = batching.batches(data.train, tc.batch_size, gc.buckets, tokenizer.pad_token_id,
+                                    shuffle=True, drop_remainder=True, seed=config.seed, epoch=epoch)
+      for _ in range(offset):
+        next(epoch_iter)
+    batch = masking.mask_batch(next(epoch_iter), spec,
+                               masking.masking_rng(config.seed, masking.TRAIN_STREAM, step))
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),
+                                  dropout_rng)
+    step += 1
+    if step % spe == 0:
+      epoch_iter = None
+    if config.nonfinite == "stop":
+      _check_finite(stage, step, metrics)
+    report(step)
+    if step % tc.log_every_steps == 0 or step == num_steps:
+      scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+      scalars["train/learning_rate"] = float(schedule(step - 1))
+      writer.write_scalars(step, scalars)
+    if step % tc.eval_every_steps == 0 and step < num_steps:
+      do_eval(step)
+    if step % tc.checkpoint_every_steps == 0 or step == num_steps or preemption.requested:
+      latest.save(step, args=ocp.args.StandardSave(state))
+    # stop_after_steps simulates a hard kill (no extra save), for resume tests.
+    if preemption.requested or 0 < stop_after <= step < num_steps:
+      latest.wait_until_finished()
+      logging.info("stopped after step %d; run the same command again to resume", step)
+      writer.flush()
+      return {}
+  latest.wait_until_finished()
+
+  if final.latest_step() != step:
+    final.save(step, args=ocp.args.StandardSave(state.params["model"]))
+    final.wait_until_finished()
+  metrics = dict(do_eval(step), step=step, stage=stage, teacher=teacher_name, weights=weights)
+  _write_json_atomic(stage_dir / FINISHED_FILES[stage], metrics)  # marks the stage finished
+  writer.flush()
+  return metrics
+
+
 def _read_json(path: pathlib.Path) -> dict:
   return json.loads(path.read_text())
 
@@ -537,27 +1083,33 @@ def _read_json(path: pathlib.Path) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """Runs `config.stages` in order under `workdir`; returns {stage: test metrics}.
 
-  A stage whose `test.json` exists is finished and not rerun, so the same command
-  resumes a multi-stage job. Prints and writes `<workdir>/results.md`.
+  A stage whose `FINISHED_FILES` entry exists (`test.json`; `heldout.json` for
+  general_distill) is finished and not rerun, so the same command resumes a multi-stage
+  job. Prints and writes `<workdir>/results.md` (classification stages; general_distill
+  returns its held-out MLM metrics).
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
-  mesh = sharding.create_mesh(config.mesh.data)
+  mesh = sharding.create_mesh_from_config(config.mesh)
   results = {}
   for stage in config.stages:
-    stage_dir = workdir / STAGE_DIRS[stage]
-    if (stage_dir / "test.json").exists():
-      logging.info("%s already finished (%s); skipping", stage, stage_dir / "test.json")
-      results[stage] = _read_json(stage_dir / "test.json")
+    finished = workdir / STAGE_DIRS[stage] / FINISHED_FILES[stage]
+    if finished.exists():
+      logging.info("%s already finished (%s); skipping", stage, finished)
+      results[stage] = _read_json(finished)
       continue
+    run = run_general_stage if stage == "general_distill" else run_stage
     with PreemptionGuard() as preemption:
-      results[stage] = run_stage(stage, config, workdir, mesh, preemption)
+      results[stage] = run(stage, config, workdir, mesh, preemption)
     if not results[stage]:
       return results  # stopped early: preempted, or train.stop_after_steps
   languages = list(config.data.languages)
   names = {"finetune_teacher": "teacher",
            "distill": f"student {config.student.init} {'KD' if config.distill.kd else 'NON-KD'}"}
-  table = evaluation.format_markdown_table({names[s]: r for s, r in results.items()}, languages)
+  if not any(s in names for s in results):
+    return results
+  table = evaluation.format_markdown_table(
+      {names[s]: r for s, r in results.items() if s in names}, languages)
   if _is_primary():
     (workdir / "results.md").write_text(table + "\n")
   print(f"\nTest macro-F1 (%), {workdir}:\n{table}")

@@ -93,7 +93,8 @@ def multi_gpu_commands(config: str, workdir: str, overrides: Sequence[str] = (),
     raise ValueError(f"--num-gpus={num_gpus} must be >= 1")
   if gpus and len(gpus.split(",")) != num_gpus:
     raise ValueError(f"--gpus={gpus} names {len(gpus.split(','))} GPUs, --num-gpus={num_gpus}")
-  env = {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
+  # The mesh covers every visible device, so the process sees exactly num_gpus GPUs.
+  env = {"CUDA_VISIBLE_DEVICES": gpus or ",".join(str(i) for i in range(num_gpus))}
   return [cmd(*main_argv(config, workdir, overrides, python=python,
                          flags=(f"--config.mesh.data={num_gpus}", "--distributed=off")),
               env=env)]

@@ -11,7 +11,7 @@ import common
 def main(argv=None) -> int:
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--num-gpus", type=int, required=True, help="devices on the data axis")
-  p.add_argument("--gpus", default="", help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (optional)")
+  p.add_argument("--gpus", default="", help="CUDA_VISIBLE_DEVICES, e.g. 4,5,6,7 (default: the first --num-gpus GPUs)")
   args = common.parse(p, argv)
   try:
     commands = common.multi_gpu_commands(args.config, args.workdir, args.overrides,

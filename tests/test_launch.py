@@ -113,7 +113,8 @@ def test_multi_gpu_one_process_all_gpus_on_data_axis():
                  "--distributed=off --config.teacher.train.batch_size=64"]
   assert dry_run("multi_gpu.py", "--num-gpus", "2", "--config", "c.py", "--workdir", "w",
                  "--dry-run") == [
-      "python -m kd_jax.main --config=c.py --workdir=w --config.mesh.data=2 --distributed=off"]
+      "CUDA_VISIBLE_DEVICES=0,1 python -m kd_jax.main --config=c.py --workdir=w "
+      "--config.mesh.data=2 --distributed=off"]
 
 
 def test_multi_gpu_rejects_mismatched_gpu_list():

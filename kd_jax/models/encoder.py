@@ -304,10 +304,14 @@ class Encoder(nn.Module):
   encoder, so masked-LM training should pass them. Indices >= T are clipped to T - 1
   and negative ones count from the end (numpy), so padding slots may hold any index
   (e.g. 0) and be masked in the loss.
+  `remat=True` recomputes each layer's activations in the backward pass
+  (`nn.remat`, i.e. jax.checkpoint per layer) instead of keeping them: less memory,
+  about one more forward pass of compute; same parameters and results.
   Raises ValueError for `masked_positions` with head "sequence".
   """
 
   config: EncoderConfig
+  remat: bool = False
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
@@ -332,8 +336,10 @@ class Encoder(nn.Module):
       x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     embeddings = x
     hidden, scores_all, probs_all, values_all = [], [], [], []
+    # static_argnums counts self: argument 3 is `deterministic`, a Python bool.
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
     for i in range(cfg.num_layers):
-      x, scores, probs, values = EncoderLayer(cfg, name=f"layer_{i}")(
+      x, scores, probs, values = layer_cls(cfg, name=f"layer_{i}")(
           x, attention_mask, deterministic, rel_embeddings, relative_pos)
       hidden.append(x)
       scores_all.append(scores)
