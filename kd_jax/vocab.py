@@ -78,6 +78,7 @@ from typing import Any
 import numpy as np
 
 from kd_jax import hf_io
+from kd_jax.data.text import read_text_file
 from kd_jax.data.tsm import TSM_LANGUAGES, load_tsm
 from kd_jax.models.encoder import EncoderConfig
 
@@ -104,25 +105,6 @@ _logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- corpus
-
-
-def read_text_file(path: str | os.PathLike) -> list[str]:
-  """Non-empty lines of a UTF-8 text file (one text per line, split on "\\n" only).
-
-  Raises:
-    FileNotFoundError: `path` does not exist or is not a file (names it).
-    ValueError: the file is not UTF-8 (names it).
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"corpus file {path} does not exist or is not a file")
-  try:
-    content = path.read_text(encoding="utf-8")
-  except UnicodeDecodeError as e:
-    raise ValueError(f"corpus file {path} is not UTF-8: {e}") from e
-  # str.splitlines would also split inside a text at U+2028 / U+0085.
-  lines = (line.removesuffix("\r") for line in content.split("\n"))
-  return [line for line in lines if line.strip()]
 
 
 def corpus_texts(text_files: Sequence[str | os.PathLike] = (),

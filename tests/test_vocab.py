@@ -7,6 +7,7 @@ unknown penalty, WordPiece's failed words); error messages.
 """
 
 import json
+import re
 import shutil
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from kd_jax import export, hf_io, vocab
-from kd_jax.data.tsm import TSM_LABELS
+from kd_jax.data.tsm import TSM_LABELS, DataError
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
 torch = pytest.importorskip("torch")
@@ -358,7 +359,7 @@ def test_reduce_state_dict_names():
 
 def test_errors(tmp_path, tiny_model_dir):
   missing = tmp_path / "nope.txt"
-  with pytest.raises(FileNotFoundError, match=str(missing)):
+  with pytest.raises(DataError, match=re.escape(str(missing))):
     vocab.corpus_texts([missing])
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")

@@ -50,7 +50,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise DataError(f"text file {str(path)!r} not found (config.general.text_files)")
+    raise DataError(f"text file {str(path)!r} not found")
   try:
     content = path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
