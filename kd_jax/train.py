@@ -377,6 +377,18 @@ def evaluate(predict, params, data: batching.TokenizedData, *, batch_size: int, 
 # ---------------------------------------------------------------------------
 # models and data for a stage
 # ---------------------------------------------------------------------------
+def layer_maps(config: ml_collections.ConfigDict, num_teacher_layers: int,
+               num_student_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(initialisation map, loss map) from config.student / config.distill layer-map fields
+  (see `student_init.resolve_layer_maps`; 1-based teacher layer per student layer)."""
+  return student_init.resolve_layer_maps(
+      num_teacher_layers, num_student_layers,
+      student_strategy=config.student.layer_map_strategy,
+      student_layer_map=tuple(config.student.layer_map) or None,
+      distill_strategy=config.distill.layer_map_strategy,
+      distill_layer_map=tuple(config.distill.layer_map) or None)
+
+
 def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict,
                    init: str | None = None) -> EncoderConfig:
   """Student EncoderConfig: `num_layers` layers; when `hidden_size` is narrower, heads and
@@ -552,12 +564,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
     else:
       model_cfg = student_config(teacher_cfg, config.student)
     if teachers:
-      init_map, loss_layer_map = student_init.resolve_layer_maps(
-          teacher_cfg.num_layers, model_cfg.num_layers,
-          student_strategy=config.student.layer_map_strategy,
-          student_layer_map=tuple(config.student.layer_map) or None,
-          distill_strategy=config.distill.layer_map_strategy,
-          distill_layer_map=tuple(config.distill.layer_map) or None)
+      init_map, loss_layer_map = layer_maps(config, teacher_cfg.num_layers, model_cfg.num_layers)
       layer_map = layer_map if from_general else init_map
     if not from_general:
       if len(teachers) > 1 and config.student.init == "from_teacher":
@@ -953,12 +960,7 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
                      f"teacher {teacher_name!r} only {teacher_cfg.vocab_size} embeddings")
   model_cfg = student_config(teacher_cfg, config.student, init=gc.init).replace(
       head="mlm", num_labels=0)
-  layer_map, loss_layer_map = student_init.resolve_layer_maps(
-      teacher_cfg.num_layers, model_cfg.num_layers,
-      student_strategy=config.student.layer_map_strategy,
-      student_layer_map=tuple(config.student.layer_map) or None,
-      distill_strategy=config.distill.layer_map_strategy,
-      distill_layer_map=tuple(config.distill.layer_map) or None)
+  layer_map, loss_layer_map = layer_maps(config, teacher_cfg.num_layers, model_cfg.num_layers)
   params, provenance = _init_general_student(config, init_params(model_cfg, init_rng),
                                              teacher_params, layer_map)
   if provenance:
