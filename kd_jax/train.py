@@ -793,7 +793,9 @@ def restore_stage_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
   target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
                         jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    _check_shapes(target, params)
+    return params
   except (ValueError, KeyError) as e:
     raise ValueError(f"{final_dir}/{step}: checkpoint does not match the model config "
                      f"{stage_dir / 'model_config.json'}: {e}") from e
