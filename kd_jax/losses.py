@@ -771,13 +771,19 @@ def token_cross_entropy(logits, labels, ignore_index: int = -100) -> jax.Array:
     labels = jnp.asarray(labels)
     if labels.shape != z.shape[:2]:
         raise ValueError(f"token labels must be [B, T]={z.shape[:2]}; got {labels.shape}")
-    valid = labels != ignore_index
+    return _weighted_nll(z, labels, (labels != ignore_index).astype(jnp.float32))
+
+
+def _weighted_nll(z, labels, w) -> jax.Array:
+    """sum w * (-log softmax(z)[label]) / sum w over [..., V] logits and [...] labels /
+    weights; slots with w == 0 are removed with jnp.where first (any logits, any label)."""
+    valid = w > 0
     z = jnp.where(valid[..., None], z, 0.0)
     y = jnp.clip(labels.astype(jnp.int32), 0, z.shape[-1] - 1)
     logp = jax.nn.log_softmax(z, axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, nll, 0.0)
-    return _safe_div(jnp.sum(nll), jnp.sum(valid.astype(jnp.float32)))
+    return _safe_div(jnp.sum(nll * w), jnp.sum(w))
 
 
 # ---------------------------------------------------------------------------
@@ -820,13 +826,7 @@ def mlm_cross_entropy(logits, labels, weights) -> jax.Array:
     labels = jnp.asarray(labels)
     if labels.shape != w.shape:
         raise ValueError(f"mlm: mlm_labels must be [B, P]={w.shape}; got {labels.shape}")
-    valid = w > 0
-    z = jnp.where(valid[..., None], z, 0.0)
-    y = jnp.clip(labels.astype(jnp.int32), 0, z.shape[-1] - 1)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, nll, 0.0)
-    return _safe_div(jnp.sum(nll * w), jnp.sum(w))
+    return _weighted_nll(z, labels, w)
 
 
 def mlm_kl(student_logits, teacher_logits, weights, temperature=1.0) -> jax.Array:
