@@ -26,16 +26,11 @@ def real_data_dir():
   return d
 
 
-def make_tiny_model_dir(out: pathlib.Path, data: pathlib.Path, *, hidden=32, layers=4, heads=4,
-                        seed=0) -> pathlib.Path:
-  """A small WordPiece tokenizer trained on tsm text and a random BERT base checkpoint."""
-  import jax
+def save_tiny_wordpiece_tokenizer(out: pathlib.Path, data: pathlib.Path):
+  """Trains a 400-token WordPiece tokenizer (BERT specials, [CLS] x [SEP]) on tsm text of
+  4 languages, saves it into `out` and returns the `tokenizers.Tokenizer`."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
-
-  from kd_jax import hf_io
-  from kd_jax.models.encoder import EncoderConfig, init_params
-  from safetensors.numpy import save_file
 
   texts = []
   for lang in ("english", "spanish", "arabic", "hindi"):
@@ -51,6 +46,19 @@ def make_tiny_model_dir(out: pathlib.Path, data: pathlib.Path, *, hidden=32, lay
                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
   out.mkdir(parents=True, exist_ok=True)
   fast.save_pretrained(out)
+  return tok
+
+
+def make_tiny_model_dir(out: pathlib.Path, data: pathlib.Path, *, hidden=32, layers=4, heads=4,
+                        seed=0) -> pathlib.Path:
+  """A small WordPiece tokenizer trained on tsm text and a random BERT base checkpoint."""
+  import jax
+
+  from kd_jax import hf_io
+  from kd_jax.models.encoder import EncoderConfig, init_params
+  from safetensors.numpy import save_file
+
+  tok = save_tiny_wordpiece_tokenizer(out, data)
   cfg = EncoderConfig(family="bert", vocab_size=tok.get_vocab_size(), hidden_size=hidden,
                       num_layers=layers, num_heads=heads, intermediate_size=2 * hidden,
                       max_position_embeddings=130, num_labels=0, pad_token_id=0)

@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import save_tiny_wordpiece_tokenizer
+
 from kd_jax import export, hf_io, losses, student_init
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
@@ -322,29 +324,7 @@ def test_token_cross_entropy_matches_numpy():
 def make_tiny_distilbert_dir(out: pathlib.Path, data: pathlib.Path, layers=4) -> pathlib.Path:
   """A WordPiece tokenizer trained on tsm text and a random DistilBertForMaskedLM (saved by
   transformers, like distilbert-base-multilingual-cased: a pretraining checkpoint)."""
-  from tokenizers import (
-    Tokenizer,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-  )
-  from transformers import PreTrainedTokenizerFast
-  texts = []
-  for lang in ("english", "spanish", "arabic", "hindi"):
-    texts += (data / "xlmt" / lang / "train_text.txt").read_text().split("\n")[:300]
-  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-  tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
-  tok.post_processor = processors.TemplateProcessing(
-      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                 cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-  out.mkdir(parents=True, exist_ok=True)
-  fast.save_pretrained(out)
+  tok = save_tiny_wordpiece_tokenizer(out, data)
   torch.manual_seed(0)
   cfg = transformers.DistilBertConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=layers,
                                       n_heads=4, hidden_dim=64, max_position_embeddings=130,
