@@ -450,6 +450,24 @@ def _check_shapes(target: Any, restored: Any) -> None:
   jax.tree_util.tree_map_with_path(check, target, restored)
 
 
+def _restore_params(mngr: ocp.CheckpointManager, step: int, ckpt_dir: pathlib.Path,
+                    stage_dir: pathlib.Path, cfg: EncoderConfig, *, as_numpy: bool) -> dict:
+  """Restores step `step` of `mngr` as `cfg`'s parameter tree (numpy or jax arrays).
+
+  Raises ValueError naming the checkpoint and model_config.json when the saved tree or a
+  leaf's shape does not fit `cfg`."""
+  target = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  if as_numpy:
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
+  try:
+    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    _check_shapes(target, params)
+    return params
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{ckpt_dir}/{step}: checkpoint does not match the model config "
+                     f"{stage_dir / 'model_config.json'}: {e}") from e
+
+
 def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig, *,
                         as_numpy: bool = False) -> dict:
   """The best-val parameters saved by a stage (e.g. the fine-tuned teacher).
@@ -465,16 +483,7 @@ def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig, *,
   step = mngr.best_step()
   if step is None:
     raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
-  target = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-  if as_numpy:
-    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
-  try:
-    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    _check_shapes(target, params)
-    return params
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{ckpt_dir}/{step}: checkpoint does not match the model config "
-                     f"{stage_dir / 'model_config.json'}: {e}") from e
+  return _restore_params(mngr, step, ckpt_dir, stage_dir, cfg, as_numpy=as_numpy)
 
 
 @dataclasses.dataclass
@@ -790,15 +799,7 @@ def restore_stage_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{final_dir}: no complete checkpoint (did the stage finish?)")
-  target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                        jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
-  try:
-    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    _check_shapes(target, params)
-    return params
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{final_dir}/{step}: checkpoint does not match the model config "
-                     f"{stage_dir / 'model_config.json'}: {e}") from e
+  return _restore_params(mngr, step, final_dir, stage_dir, cfg, as_numpy=True)
 
 
 def load_general_teacher(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, dict, str]:
