@@ -19,9 +19,13 @@ update after global-norm clipping, with the TinyBERT objective of the paper
   `--torch_attention probs` it uses HF's (post-dropout) probabilities instead.
 
 Inputs are random token ids with lengths uniform in [seq_len/2, seq_len]; tokens/s
-counts real (non-padding) tokens. Times are wall-clock seconds per step after
-compilation (JAX, reported separately) and warmup, synchronised with
-`jax.block_until_ready`. This is a measuring tool, not a test.
+counts real (non-padding) tokens. Times are medians of wall-clock seconds per step
+after compilation (JAX, reported separately) and warmup, each step synchronised
+(`jax.block_until_ready`), the two frameworks' steps alternating (`run_benchmark`).
+The teacher-forward line times each framework's teacher as its step runs it: kd_jax
+materialises attention scores only for the teacher layers the loss reads (the layer
+map's), transformers returns every layer's (it has no per-layer choice).
+This is a measuring tool, not a test.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 from kd_jax import sharding
 from kd_jax.config_base import train_config
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
-from kd_jax.train import TrainState, make_optimizer, make_train_step
+from kd_jax.train import TrainState, _outputs_needed, make_optimizer, make_train_step
 
 WEIGHTS = {"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}
 NUM_LABELS = 3
@@ -71,10 +75,10 @@ class Sizes:
 class Result:
   """One framework's numbers. Times in seconds; rates per second."""
   framework: str
-  step_s: float              # mean wall time of one full KD train step
+  step_s: float              # median wall time of one full KD train step
   examples_per_s: float      # batch / step_s
   tokens_per_s: float        # real (non-padding) tokens / step_s
-  teacher_forward_s: float   # mean wall time of the teacher forward alone
+  teacher_forward_s: float   # median wall time of the teacher forward alone
   compile_s: float = 0.0     # JAX: lowering + compilation of the train step (0 for torch)
   loss: float = float("nan")  # loss of the last timed step (sanity check only)
 
@@ -98,16 +102,6 @@ def make_batch(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
           "example_mask": np.ones(b, np.float32)}
 
 
-def _time(fn: Callable[[], Any], steps: int) -> float:
-  """Mean wall seconds of `fn()` over `steps` calls, blocked at the end."""
-  start = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
-
-
 # ---------------------------------------------------------------------------
 # kd_jax
 # ---------------------------------------------------------------------------
@@ -120,22 +114,26 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
   return teacher, teacher.replace(num_layers=sizes.student_layers)
 
 
-def bench_jax(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: int = 0) -> Result:
-  """Times kd_jax's own `make_train_step` (and the jitted teacher forward)."""
+def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
+              scan_layers: bool = False) -> "Runner":
+  """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
+  the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
+  both encoders run their layers as one lax.scan (config.scan_layers)."""
   mesh = sharding.create_mesh(1)
   tcfg, scfg = encoder_configs(sizes)
   kt, ks = jax.random.split(jax.random.PRNGKey(seed))
   t_params = jax.jit(init_params, static_argnums=0)(tcfg, kt)
   s_params = jax.jit(init_params, static_argnums=0)(scfg, ks)
   tc = train_config()
-  tx, _ = make_optimizer(tc, max(steps + warmup, 10))
+  tx, _ = make_optimizer(tc, 1000)
   trainable = {"model": s_params, "proj": {}}
   state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                         opt_state=tx.init(trainable)), mesh)
   t_params = sharding.replicate(t_params, mesh)
-  teacher, student = Encoder(tcfg), Encoder(scfg)
-  step_fn = make_train_step(student, teacher, tx, weights=WEIGHTS,
-                            layer_map=layer_map(sizes.teacher_layers, sizes.student_layers),
+  teacher = Encoder(tcfg, scan_layers=scan_layers)
+  student = Encoder(scfg, scan_layers=scan_layers)
+  lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
+  step_fn = make_train_step(student, teacher, tx, weights=WEIGHTS, layer_map=lmap,
                             prediction_loss="mse", temperature=1.0, mesh=mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   rng = jax.random.PRNGKey(seed + 1)
@@ -148,25 +146,30 @@ def bench_jax(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: in
 
   def one_step():
     box["state"], box["metrics"] = compiled(box["state"], t_params, batch, rng)
-    return box["metrics"]["loss"]
+    return jax.block_until_ready(box["metrics"]["loss"])
 
-  if warmup:
-    _time(one_step, warmup)
-  step_s = _time(one_step, steps)
-  loss = float(box["metrics"]["loss"])
+  _, teacher_kwargs = _outputs_needed(WEIGHTS, lmap, sizes.student_layers,
+                                      sizes.teacher_layers)
 
   @jax.jit
   def teacher_forward(params, ids, mask):
-    return teacher.apply({"params": params}, ids, mask, deterministic=True,
-                         output_embeddings=True, output_hidden_states=True,
-                         output_attention_scores=True)
+    return teacher.apply({"params": params}, ids, mask, deterministic=True, **teacher_kwargs)
 
   ids, mask = batch["input_ids"], batch["attention_mask"]
-  jax.block_until_ready(teacher_forward(t_params, ids, mask))  # compile
-  if warmup:
-    _time(lambda: teacher_forward(t_params, ids, mask), warmup)
-  teacher_s = _time(lambda: teacher_forward(t_params, ids, mask), steps)
-  return _result("kd_jax", sizes, batch_np, step_s, teacher_s, compile_s, loss)
+  return Runner("kd_jax", one_step,
+                lambda: jax.block_until_ready(teacher_forward(t_params, ids, mask)),
+                lambda: float(box["metrics"]["loss"]), compile_s)
+
+
+@dataclasses.dataclass
+class Runner:
+  """One framework's prepared KD step. `step` and `teacher_forward` run once and
+  return when the work is done; `loss` reads the last step's loss."""
+  framework: str
+  step: Callable[[], Any]
+  teacher_forward: Callable[[], Any]
+  loss: Callable[[], float]
+  compile_s: float = 0.0
 
 
 def _result(name, sizes, batch_np, step_s, teacher_s, compile_s, loss) -> Result:
@@ -231,9 +234,9 @@ def torch_loss(s_out, t_out, mask, labels, lmap):
   return att + hid + embd + pred + clf
 
 
-def bench_torch(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: int = 0,
-                attention: str = "scores") -> Result:
-  """Times the equivalent PyTorch KD step (and the teacher forward under no_grad).
+def setup_torch(sizes: Sizes, batch_np: dict, *, seed: int = 0,
+                attention: str = "scores") -> Runner:
+  """The equivalent PyTorch KD step (and the teacher forward under no_grad).
 
   attention: "scores" (pre-softmax, as kd_jax; needs AttentionInterface) or "probs"
   (HF's eager attention probabilities, post-dropout in the student)."""
@@ -288,20 +291,13 @@ def bench_torch(sizes: Sizes, batch_np: dict, *, steps: int, warmup: int, seed: 
     opt.step()
     return loss
 
-  for _ in range(warmup):
-    one_step()
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss = one_step()
-  step_s = (time.perf_counter() - start) / steps
-  for _ in range(warmup):
-    teacher_forward()
-  start = time.perf_counter()
-  for _ in range(steps):
-    teacher_forward()
-  teacher_s = (time.perf_counter() - start) / steps
+  box = {"loss": None}
+
+  def step():
+    box["loss"] = one_step()
+
   name = "pytorch" + ("" if impl == SCORES_ATTENTION else " (att on probs)")
-  return _result(name, sizes, batch_np, step_s, teacher_s, 0.0, float(loss.detach()))
+  return Runner(name, step, teacher_forward, lambda: float(box["loss"].detach()))
 
 
 # ---------------------------------------------------------------------------
@@ -338,22 +334,48 @@ def mfu(sizes: Sizes, step_s: float, peak_flops: float | None = None) -> tuple[f
 # ---------------------------------------------------------------------------
 def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int | None = None,
                   frameworks=("kd_jax", "pytorch"), torch_attention: str = "scores",
-                  seed: int = 0) -> dict:
+                  seed: int = 0, scan_layers: bool = False) -> dict:
   """Runs the benchmark; returns {"kd_jax": Result, "pytorch": Result, "ratio": float}
-  where ratio = kd_jax examples/s ÷ PyTorch examples/s (present when both ran)."""
+  where ratio = kd_jax examples/s ÷ PyTorch examples/s (present when both ran).
+
+  After `warmup` untimed steps each, the frameworks' steps alternate one by one for
+  `steps` rounds (then their teacher forwards likewise), and each reports its median:
+  load from elsewhere on a shared machine then hits both alike, and the ratio holds
+  where the absolute times drift."""
   batch_np = make_batch(sizes, seed)
-  out: dict[str, Any] = {}
   if "pytorch" in frameworks:
     import torch
     torch.set_num_threads(threads or os.cpu_count() or 1)
+  runners = []
   if "kd_jax" in frameworks:
-    out["kd_jax"] = bench_jax(sizes, batch_np, steps=steps, warmup=warmup, seed=seed)
+    runners.append(setup_jax(sizes, batch_np, seed=seed, scan_layers=scan_layers))
   if "pytorch" in frameworks:
-    out["pytorch"] = bench_torch(sizes, batch_np, steps=steps, warmup=warmup, seed=seed,
-                                 attention=torch_attention)
+    runners.append(setup_torch(sizes, batch_np, seed=seed, attention=torch_attention))
+  for runner in runners:
+    for _ in range(warmup):
+      runner.step()
+      runner.teacher_forward()
+  step_times = _interleaved([r.step for r in runners], steps)
+  teacher_times = _interleaved([r.teacher_forward for r in runners], steps)
+  out: dict[str, Any] = {}
+  for runner, st, tt in zip(runners, step_times, teacher_times):
+    key = "pytorch" if runner.framework.startswith("pytorch") else runner.framework
+    out[key] = _result(runner.framework, sizes, batch_np, float(np.median(st)),
+                       float(np.median(tt)), runner.compile_s, runner.loss())
   if "kd_jax" in out and "pytorch" in out:
     out["ratio"] = out["kd_jax"].examples_per_s / out["pytorch"].examples_per_s
   return out
+
+
+def _interleaved(fns: list[Callable[[], Any]], rounds: int) -> list[list[float]]:
+  """Wall seconds of each fn, called in turn for `rounds` rounds: [fn][round]."""
+  times: list[list[float]] = [[] for _ in fns]
+  for _ in range(rounds):
+    for fn, out in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - start)
+  return times
 
 
 def format_table(results: dict, sizes: Sizes) -> str:
@@ -393,14 +415,18 @@ def main(argv=None) -> dict:
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="GPU peak for MFU (default: dense TF32 peak by device kind)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scan_layers", action="store_true",
+                 help="kd_jax encoders run their layers as one lax.scan (less compile time)")
   a = p.parse_args(argv)
   sizes = Sizes(**{k: getattr(a, k) for k in dataclasses.asdict(Sizes())})
   threads = a.threads or os.cpu_count()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}")
+        f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}"
+        f"; scan_layers {a.scan_layers}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
                           frameworks=tuple(a.frameworks.split(",")),
-                          torch_attention=a.torch_attention, seed=a.seed)
+                          torch_attention=a.torch_attention, seed=a.seed,
+                          scan_layers=a.scan_layers)
   print(format_table(results, sizes))
   torch_r = results.get("pytorch")
   if torch_r is not None:

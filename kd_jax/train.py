@@ -31,7 +31,7 @@ import os
 import pathlib
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +116,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check("distill.prediction_loss", config.distill.prediction_loss, losses.PREDICTION_LOSSES)
   check("precision", config.precision, PRECISIONS)
   check("nonfinite", config.nonfinite, NONFINITE_MODES)
+  for field in ("remat", "scan_layers"):
+    check(field, config[field], (False, True))
   for axis in sharding.MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -236,14 +238,29 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int, nonfinit
 # ---------------------------------------------------------------------------
 # the compiled steps
 # ---------------------------------------------------------------------------
-def _outputs_needed(weights: Mapping[str, float]) -> dict[str, bool]:
-  """Encoder intermediates the weighted loss terms read (cos uses last_hidden_state,
-  which is always returned)."""
+def _outputs_needed(weights: Mapping[str, float], layer_map: Sequence[int | None],
+                    student_layers: int, teacher_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(student, teacher) Encoder keyword arguments: the intermediates the weighted loss
+  terms read (cos uses last_hidden_state, which is always returned).
+
+  Attention scores are asked for only at the layers a term reads: the pairs of the
+  loss `layer_map` (1-based teacher layer per student layer) for att and att_kl, the
+  last layer for minilm. The other layers then skip materialising [B, h, T, T] (the
+  teacher's through `jax.nn.dot_product_attention`, see `Encoder`)."""
   needs = lambda *terms: any(weights.get(t, 0) > 0 for t in terms)
-  return dict(output_embeddings=needs("embd"),
-              output_hidden_states=needs("hid", "pkd"),
-              output_attention_scores=needs("att", "att_kl", "minilm"),
-              output_values=needs("minilm"))
+  student_att, teacher_att = set(), set()
+  if needs("att", "att_kl"):
+    for i, k in enumerate(layer_map):
+      if k is not None:
+        student_att.add(i)
+        teacher_att.add(k - 1)
+  if needs("minilm"):
+    student_att.add(student_layers - 1)
+    teacher_att.add(teacher_layers - 1)
+  common = dict(output_embeddings=needs("embd"), output_hidden_states=needs("hid", "pkd"),
+                output_values=needs("minilm"))
+  return (dict(common, output_attention_scores=tuple(sorted(student_att))),
+          dict(common, output_attention_scores=tuple(sorted(teacher_att))))
 
 
 def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: Mapping[str, float],
@@ -274,7 +291,9 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
   teachers = (() if teacher is None else tuple(teacher) if isinstance(teacher, (tuple, list))
               else (teacher,))
   kd = bool(teachers)
-  outputs = _outputs_needed(weights)
+  student_outputs, teacher_outputs = _outputs_needed(
+      weights, layer_map, student.config.num_layers,
+      teachers[0].config.num_layers if teachers else 0)
 
   def apply(model, params, batch, **kwargs):
     if "masked_positions" in batch and model.config.head == "mlm":
@@ -284,9 +303,10 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
   def train_step(state: TrainState, teacher_params, batch, rng):
     teacher_out = None
     if len(teachers) == 1:
-      teacher_out = apply(teachers[0], teacher_params, batch, deterministic=True, **outputs)
+      teacher_out = apply(teachers[0], teacher_params, batch, deterministic=True,
+                          **teacher_outputs)
     elif teachers:
-      outs = [apply(t, p, batch, deterministic=True, **outputs)
+      outs = [apply(t, p, batch, deterministic=True, **teacher_outputs)
               for t, p in zip(teachers, teacher_params)]
       teacher_out = type(outs[0])(logits=losses.mean_teacher_logits([o.logits for o in outs]),
                                   last_hidden_state=None)
@@ -296,7 +316,7 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
 
     def loss_fn(params):
       student_out = apply(student, params["model"], batch, deterministic=False,
-                          rngs={"dropout": dropout_rng}, **outputs)
+                          rngs={"dropout": dropout_rng}, **student_outputs)
       return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
                                       layer_map=layer_map, prediction_loss=prediction_loss,
                                       temperature=temperature, projections=params["proj"],
@@ -595,7 +615,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
       alpha = float(config.distill.alpha)
       logging.info("distill: %d teacher(s), weights %s, alpha %s, loss layer map %s",
                    len(teachers), weights, alpha, list(loss_layer_map))
-      models = tuple(Encoder(c.replace(dtype=compute_dtype)) for c, _ in teachers)
+      models = tuple(Encoder(c.replace(dtype=compute_dtype), scan_layers=config.scan_layers)
+                     for c, _ in teachers)
       shardings = [sharding.param_shardings(p, mesh) for _, p in teachers]
       placed = [sharding.shard_tree(p, sh) for (_, p), sh in zip(teachers, shardings)]
       if len(teachers) == 1:
@@ -619,7 +640,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                                              "data": config.data.name,
                                              "labels": list(data.labels)})
 
-  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat)
+  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat,
+                    scan_layers=config.scan_layers)
   proj = {}
   first_teacher = teacher_model[0] if isinstance(teacher_model, tuple) else teacher_model
   if first_teacher is not None and model_cfg.hidden_size != first_teacher.config.hidden_size:
@@ -646,7 +668,8 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                                prediction_loss=config.distill.prediction_loss,
                                temperature=config.distill.temperature, mesh=mesh, alpha=alpha,
                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
-  predict = make_predict_step(Encoder(model_cfg.replace(dtype=compute_dtype)), mesh,
+  predict = make_predict_step(Encoder(model_cfg.replace(dtype=compute_dtype),
+                                     scan_layers=config.scan_layers), mesh,
                               state_sharding.params["model"])
   eval_kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                      pad_id=data.pad_id, mesh=mesh, num_classes=num_classes,
@@ -971,7 +994,8 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
                  student_init.describe_provenance(provenance))
   teacher_model = teacher_sharding = None
   if any(t not in losses.SUPERVISED_TERMS for t in weights):
-    teacher_model = Encoder(teacher_cfg.replace(dtype=compute_dtype))
+    teacher_model = Encoder(teacher_cfg.replace(dtype=compute_dtype),
+                            scan_layers=config.scan_layers)
     teacher_sharding = sharding.param_shardings(teacher_params, mesh)
     teacher_params = sharding.shard_tree(teacher_params, teacher_sharding)
   else:
@@ -994,7 +1018,8 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
 
   overrides = {"hidden_dropout": config.hidden_dropout,
                "attention_dropout": config.attention_dropout}
-  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat)
+  student = Encoder(model_cfg.replace(**overrides, dtype=compute_dtype), remat=config.remat,
+                    scan_layers=config.scan_layers)
   proj = {}
   if teacher_model is not None and model_cfg.hidden_size != teacher_cfg.hidden_size:
     shape = (model_cfg.hidden_size, teacher_cfg.hidden_size)
@@ -1013,7 +1038,8 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
                                layer_map=loss_layer_map, prediction_loss="mse",
                                temperature=float(gc.temperature), mesh=mesh,
                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
-  mlm_eval = make_mlm_eval_step(Encoder(model_cfg.replace(dtype=compute_dtype)), mesh,
+  mlm_eval = make_mlm_eval_step(Encoder(model_cfg.replace(dtype=compute_dtype),
+                                        scan_layers=config.scan_layers), mesh,
                                 state_sharding.params["model"])
   eval_kwargs = {"batch_size": tc.eval_batch_size, "buckets": gc.buckets,
                  "pad_id": tokenizer.pad_token_id, "seed": config.seed, "mesh": mesh}

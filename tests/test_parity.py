@@ -70,6 +70,41 @@ def test_matches_transformers(kind, tmp_path):
   np.testing.assert_allclose(p / p.sum(-1, keepdims=True), ref.attentions[0].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_scores_of_selected_layers_only(kind, scan_layers, tmp_path):
+  """Scores asked for layer 1 only: that layer's scores equal the all-layer run's, the
+  others are None, and layers 0 and 2 (through jax.nn.dot_product_attention) give the
+  same hidden states and logits as transformers' eager attention; also with the layers
+  as one lax.scan."""
+  model, cfg = _make(kind, tmp_path)
+  model.set_attn_implementation("eager")
+  ids, mask = _batch(cfg.pad_token_id)
+  with torch.no_grad():
+    ref = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                output_hidden_states=True)
+  config, params, _ = hf_io.load_pretrained(str(tmp_path / kind))
+  encoder = Encoder(config, scan_layers=scan_layers)
+  full = encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                       output_attention_scores=True)
+  some = encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                       output_hidden_states=True, output_attention_scores=[1])
+  assert some.attention_scores[0] is None and some.attention_scores[2] is None
+  np.testing.assert_allclose(some.attention_scores[1], full.attention_scores[1], atol=1e-6)
+  np.testing.assert_allclose(some.logits, ref.logits.numpy(), atol=1e-5, rtol=0)
+  real = mask.astype(bool)  # HF's padded positions carry no meaning
+  for ours, theirs in zip(some.hidden_states, ref.hidden_states[1:]):
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs.numpy()[real], atol=1e-5, rtol=0)
+  none = encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                       output_attention_scores=())
+  assert none.attention_scores is None
+  np.testing.assert_allclose(none.logits, ref.logits.numpy(), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match=r"output_attention_scores: layer indices \[3\] "
+                                       r"outside 0..2"):
+    encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                  output_attention_scores=(0, 3))
+
+
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_round_trip_state_dict(kind, tmp_path):
   model, _ = _make(kind, tmp_path)

@@ -175,7 +175,7 @@ def kd_setup():
 
 
 def _step_fn(setup, dtype=jnp.float32, nonfinite="stop", lr=1e-3, remat=False,
-             student_cfg=STUDENT_CFG):
+             student_cfg=STUDENT_CFG, scan_layers=False):
   tc = config_base.train_config(learning_rate=lr, warmup_ratio=0.0)
   tx, _ = train.make_optimizer(tc, 10, nonfinite)
   mesh = setup["mesh"]
@@ -183,8 +183,8 @@ def _step_fn(setup, dtype=jnp.float32, nonfinite="stop", lr=1e-3, remat=False,
                                                    tx, mesh)
   teacher_sharding = sharding.param_shardings(setup["teacher"], mesh)
   step = train.make_train_step(
-      Encoder(student_cfg.replace(dtype=dtype), remat=remat),
-      Encoder(TEACHER_CFG.replace(dtype=dtype)), tx,
+      Encoder(student_cfg.replace(dtype=dtype), remat=remat, scan_layers=scan_layers),
+      Encoder(TEACHER_CFG.replace(dtype=dtype), scan_layers=scan_layers), tx,
       weights=WEIGHTS, layer_map=setup["layer_map"], prediction_loss="mse", temperature=1.0,
       mesh=mesh, state_sharding=state_sharding, teacher_sharding=teacher_sharding)
   teacher = sharding.shard_tree(setup["teacher"], teacher_sharding)
@@ -232,6 +232,22 @@ def test_remat_gives_the_same_step(kd_setup):
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), plain.params, remat.params)
   assert max(jax.tree.leaves(diffs)) < 1e-6
   assert jax.tree.structure(plain.params) == jax.tree.structure(remat.params)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_gives_the_same_step(kd_setup, remat):
+  """Layers as one lax.scan (student and teacher, with and without remat): the same two
+  KD steps as the unrolled layers (no dropout, so no key difference)."""
+  plain, step_plain = _step_fn(kd_setup)
+  scanned, step_scan = _step_fn(kd_setup, scan_layers=True, remat=remat)
+  for _ in range(2):
+    plain, m_plain = step_plain(plain, kd_setup["batch"])
+    scanned, m_scan = step_scan(scanned, kd_setup["batch"])
+  for term in ("loss", "att", "hid", "embd", "pred", "clf"):
+    assert abs(float(m_plain[term]) - float(m_scan[term])) < 1e-6, term
+  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), plain.params, scanned.params)
+  assert max(jax.tree.leaves(diffs)) < 1e-6
+  assert jax.tree.structure(plain.params) == jax.tree.structure(scanned.params)
 
 
 def _poisoned(batch):

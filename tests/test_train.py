@@ -214,14 +214,25 @@ def test_configs_validate_new_objectives():
 
 
 def test_outputs_needed():
+  """Scores only at the layers the terms read: the loss map's pairs, the last for MiniLM."""
+  lmap = (2, 4, None, 12)  # 4-layer student, 12-layer teacher; student layer 3 unmapped
+
+  def needed(weights):
+    return train._outputs_needed(weights, lmap, 4, 12)
+
   none = dict(output_embeddings=False, output_hidden_states=False,
-              output_attention_scores=False, output_values=False)
-  assert train._outputs_needed({"pred": 1.0, "clf": 1.0, "soft_ce": 1.0, "cos": 1.0}) == none
-  assert train._outputs_needed({"att": 0.0, "hid": 0.0}) == none
-  assert train._outputs_needed({"embd": 1.0}) == dict(none, output_embeddings=True)
+              output_attention_scores=(), output_values=False)
+  assert needed({"pred": 1.0, "clf": 1.0, "soft_ce": 1.0, "cos": 1.0}) == (none, none)
+  assert needed({"att": 0.0, "hid": 0.0}) == (none, none)
+  embd = dict(none, output_embeddings=True)
+  assert needed({"embd": 1.0}) == (embd, embd)
   for term in ("hid", "pkd"):
-    assert train._outputs_needed({term: 1.0}) == dict(none, output_hidden_states=True)
+    hid = dict(none, output_hidden_states=True)
+    assert needed({term: 1.0}) == (hid, hid)
   for term in ("att", "att_kl"):
-    assert train._outputs_needed({term: 1.0}) == dict(none, output_attention_scores=True)
-  assert train._outputs_needed({"minilm": 0.5}) == dict(none, output_attention_scores=True,
-                                                        output_values=True)
+    assert needed({term: 1.0}) == (dict(none, output_attention_scores=(0, 1, 3)),
+                                   dict(none, output_attention_scores=(1, 3, 11)))
+  assert needed({"minilm": 0.5}) == (
+      dict(none, output_attention_scores=(3,), output_values=True),
+      dict(none, output_attention_scores=(11,), output_values=True))
+  assert needed({"att": 1.0, "minilm": 0.5})[1]["output_attention_scores"] == (1, 3, 11)

@@ -42,7 +42,7 @@ share the `lm_head` tree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
@@ -166,7 +166,8 @@ class EncoderOutput:
     hidden_states: tuple of L arrays [B, T, H], outputs of layers 1..L, or None.
     attention_scores: tuple of L arrays [B, h, T, T], pre-softmax A = QKᵀ/√d_k
       without the padding mask added (what TinyBERT distills), or None. DeBERTa-v2:
-      the full disentangled A (content + c2p + p2c, scaled; `deberta_v2`).
+      the full disentangled A (content + c2p + p2c, scaled; `deberta_v2`). Entries
+      are None for layers not asked for (`output_attention_scores` a set of layers).
     attentions: tuple of L arrays [B, h, T, T], attention probabilities, or None
       (DeBERTa-v2, as transformers 5: rows of padded queries are uniform, 1/T).
     values: tuple of L arrays [B, T, h, d] (d = head_dim), the per-head value
@@ -225,24 +226,37 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+  """BERT self-attention. `need_scores` False (a layer no loss reads, evaluated without
+  attention dropout) routes through `jax.nn.dot_product_attention`, which picks cuDNN's
+  fused kernel on GPU and never materialises the [B, h, T, T] scores there; scores and
+  probabilities are then None. Returns (output [B, T, H], scores, probs, values
+  [B, T, h, d])."""
+
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, deterministic: bool):
+  def __call__(self, x, attention_mask, deterministic: bool, need_scores: bool = True):
     cfg = self.config
     b, t, _ = x.shape
     split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
     q = split(_dense(cfg, cfg.hidden_size, "query")(x))
     k = split(_dense(cfg, cfg.hidden_size, "key")(x))
     v = split(_dense(cfg, cfg.hidden_size, "value")(x))
-    # Scores and softmax in float32: they are distillation targets and bf16 loses them.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    key_is_real = attention_mask[:, None, None, :].astype(bool)  # [B, 1, 1, T]
+    if not need_scores and (deterministic or cfg.attention_dropout == 0.0):
+      context = jax.nn.dot_product_attention(q, k, v, mask=key_is_real)
+      out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
+      return out, None, None, v
+    # Head-major [B, h, T, d] operands: XLA:CPU's batched matmuls are ~1.5x faster on
+    # them than on [B, T, h, d]. Scores and softmax in float32: they are distillation
+    # targets and bf16 loses them.
+    qh, kh, vh = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-    key_is_real = attention_mask[:, None, None, :].astype(bool)
     masked = jnp.where(key_is_real, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1)
     dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(cfg.dtype), v)
+    context = jnp.einsum("bhqk,bhkd->bqhd", dropped.astype(cfg.dtype), vh)
     out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
     return out, scores, probs, v
 
@@ -252,14 +266,14 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool, rel_embeddings=None,
-               relative_pos=None):
+               relative_pos=None, need_scores: bool = True):
     cfg = self.config
     if cfg.family == deberta_v2.FAMILY:
       attn, scores, probs, values = deberta_v2.DisentangledSelfAttention(cfg, name="attention")(
           x, attention_mask, rel_embeddings, relative_pos, deterministic)
     else:
       attn, scores, probs, values = SelfAttention(cfg, name="attention")(
-          x, attention_mask, deterministic)
+          x, attention_mask, deterministic, need_scores)
     if cfg.family != "distilbert":  # HF TransformerBlock has no dropout here
       attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_LayerNorm")(attn + x).astype(cfg.dtype)
@@ -304,19 +318,56 @@ class Encoder(nn.Module):
   encoder, so masked-LM training should pass them. Indices >= T are clipped to T - 1
   and negative ones count from the end (numpy), so padding slots may hold any index
   (e.g. 0) and be masked in the loss.
+  `output_attention_scores`: True for every layer's scores, or a collection of 0-based
+  layer indices for only those (the returned tuple keeps L entries, None at the others).
+  Layers whose scores are not returned (and `output_attentions` False) run through
+  `jax.nn.dot_product_attention` when no attention dropout applies (see SelfAttention):
+  on GPU the teacher's unread layers then never materialise [B, h, T, T].
   `remat=True` recomputes each layer's activations in the backward pass
   (`nn.remat`, i.e. jax.checkpoint per layer) instead of keeping them: less memory,
   about one more forward pass of compute; same parameters and results.
-  Raises ValueError for `masked_positions` with head "sequence".
+  `scan_layers=True` runs the layers as one `jax.lax.scan` (compile time independent of
+  L); same parameter tree and results, except that dropout masks come from other keys
+  and that asking for any layer's scores computes every layer's.
+  Raises ValueError for `masked_positions` with head "sequence", or a layer index
+  outside [0, L) in `output_attention_scores`.
   """
 
   config: EncoderConfig
   remat: bool = False
+  scan_layers: bool = False
+
+  def _scan(self, x, attention_mask, deterministic, rel_embeddings, relative_pos,
+            need_scores: bool, need_values: bool):
+    """The L layers as one `jax.lax.scan` over their parameters, stacked on the fly from
+    the usual `layer_{i}` trees: XLA compiles one layer body instead of L. Returns
+    (x, hidden, scores, probs, values), lists of L (scores and probs of every layer when
+    `need_scores`, since a scan's layers are alike; else Nones)."""
+    cfg = self.config
+    layers = [self.variables["params"][f"layer_{i}"] for i in range(cfg.num_layers)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
+    keys = (None if deterministic else
+            jax.random.split(self.make_rng("dropout"), cfg.num_layers))
+    layer = EncoderLayer(cfg)
+
+    def body(h, per_layer):
+      params, key = per_layer
+      h, scores, probs, values = layer.apply(
+          {"params": params}, h, attention_mask, deterministic, rel_embeddings, relative_pos,
+          need_scores, rngs=None if key is None else {"dropout": key})
+      return h, (h, scores, probs, values if need_values else None)
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, (hidden, scores, probs, values) = jax.lax.scan(body, x, (stacked, keys))
+    n = cfg.num_layers
+    return x, _unstack(hidden, n), _unstack(scores, n), _unstack(probs, n), _unstack(values, n)
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True, output_embeddings: bool = False,
-               output_hidden_states: bool = False, output_attention_scores: bool = False,
+               output_hidden_states: bool = False,
+               output_attention_scores: bool | Collection[int] = False,
                output_attentions: bool = False, output_values: bool = False,
                masked_positions=None) -> EncoderOutput:
     cfg = self.config
@@ -335,16 +386,25 @@ class Encoder(nn.Module):
     else:
       x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     embeddings = x
-    hidden, scores_all, probs_all, values_all = [], [], [], []
-    # static_argnums counts self: argument 3 is `deterministic`, a Python bool.
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
-    for i in range(cfg.num_layers):
-      x, scores, probs, values = layer_cls(cfg, name=f"layer_{i}")(
-          x, attention_mask, deterministic, rel_embeddings, relative_pos)
-      hidden.append(x)
-      scores_all.append(scores)
-      probs_all.append(probs)
-      values_all.append(values)
+    score_layers = _layer_set(output_attention_scores, cfg.num_layers, "output_attention_scores")
+    if self.scan_layers and not self.is_initializing():
+      x, hidden, scores_all, probs_all, values_all = self._scan(
+          x, attention_mask, deterministic, rel_embeddings, relative_pos,
+          bool(score_layers) or bool(output_attentions), bool(output_values))
+      scores_all = [s if i in score_layers else None for i, s in enumerate(scores_all)]
+    else:
+      hidden, scores_all, probs_all, values_all = [], [], [], []
+      # static_argnums counts self: 3 is `deterministic`, 6 `need_scores`, Python bools.
+      layer_cls = (nn.remat(EncoderLayer, static_argnums=(3, 6)) if self.remat
+                   else EncoderLayer)
+      for i in range(cfg.num_layers):
+        x, scores, probs, values = layer_cls(cfg, name=f"layer_{i}")(
+            x, attention_mask, deterministic, rel_embeddings, relative_pos,
+            i in score_layers or bool(output_attentions))
+        hidden.append(x)
+        scores_all.append(scores if i in score_layers else None)
+        probs_all.append(probs)
+        values_all.append(values)
 
     logits = None
     tokens = x  # [B, T, H], or [B, P, H] at masked_positions
@@ -374,10 +434,27 @@ class Encoder(nn.Module):
         last_hidden_state=x,
         embeddings=embeddings if output_embeddings else None,
         hidden_states=tuple(hidden) if output_hidden_states else None,
-        attention_scores=tuple(scores_all) if output_attention_scores else None,
+        attention_scores=tuple(scores_all) if score_layers else None,
         attentions=tuple(probs_all) if output_attentions else None,
         values=tuple(values_all) if output_values else None,
     )
+
+
+def _unstack(stacked, num_layers: int) -> list:
+  """[L, ...] scan output -> L arrays (None -> L Nones)."""
+  return [None] * num_layers if stacked is None else [stacked[i] for i in range(num_layers)]
+
+
+def _layer_set(selection: bool | Collection[int], num_layers: int, field: str) -> frozenset[int]:
+  """True/False or 0-based layer indices -> the set of selected layers."""
+  if not isinstance(selection, Collection):
+    return frozenset(range(num_layers)) if selection else frozenset()
+  layers = frozenset(int(i) for i in selection)
+  bad = sorted(i for i in layers if not 0 <= i < num_layers)
+  if bad:
+    raise ValueError(f"{field}: layer indices {bad} outside 0..{num_layers - 1} "
+                     f"(the encoder has {num_layers} layers)")
+  return layers
 
 
 def init_params(config: EncoderConfig, rng: jax.Array, seq_len: int = 8) -> dict:
