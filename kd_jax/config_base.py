@@ -139,7 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
   # True: recompute each student layer in the backward pass (jax.checkpoint per layer),
   # trading about one extra forward pass for activation memory.
   config.remat = False
-  # True: student and teacher run their layers as one jax.lax.scan: compile time no longer
-  # grows with depth (same parameters and results; see Encoder.scan_layers).
+  # True: student and teacher run their layers as one jax.lax.scan (one compiled layer body
+  # per encoder; loss terms and optimizer stay per layer). Same parameters and results, other
+  # dropout masks (Encoder.scan_layers). Pays off for deep or small models; README, Benchmark.
   config.scan_layers = False
   return config

@@ -326,9 +326,9 @@ class Encoder(nn.Module):
   `remat=True` recomputes each layer's activations in the backward pass
   (`nn.remat`, i.e. jax.checkpoint per layer) instead of keeping them: less memory,
   about one more forward pass of compute; same parameters and results.
-  `scan_layers=True` runs the layers as one `jax.lax.scan` (compile time independent of
-  L); same parameter tree and results, except that dropout masks come from other keys
-  and that asking for any layer's scores computes every layer's.
+  `scan_layers=True` runs the layers as one `jax.lax.scan` (XLA compiles one layer body,
+  not L); same parameter tree and results, except that dropout masks come from other
+  keys and that asking for any layer's scores computes every layer's.
   Raises ValueError for `masked_positions` with head "sequence", or a layer index
   outside [0, L) in `output_attention_scores`.
   """
