@@ -239,7 +239,8 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int, nonfinit
 # the compiled steps
 # ---------------------------------------------------------------------------
 def _outputs_needed(weights: Mapping[str, float], layer_map: Sequence[int | None],
-                    student_layers: int, teacher_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                    student_layers: int,
+                    teacher_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
   """(student, teacher) Encoder keyword arguments: the intermediates the weighted loss
   terms read (cos uses last_hidden_state, which is always returned).
 
