@@ -705,25 +705,19 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
       if _is_primary():
         evaluation.write_results(stage_dir, "val", best_metrics, language_names)
 
-  epoch_iter = None
+  # The order is a pure function of (seed, step): exact resume.
+  train_batches = batching.train_batches(data.train, tc.batch_size, config.data.buckets,
+                                         data.pad_id, seed=config.seed, step=step)
   stop_after = tc.stop_after_steps
   pending = None  # (stage, step, metrics) not yet checked for non-finite values
   dropout_rng = sharding.replicate(dropout_rng, mesh)
   while step < num_steps:
-    epoch, offset = divmod(step, spe)
-    if epoch_iter is None:  # the order is a pure function of (seed, epoch): exact resume
-      epoch_iter = batching.batches(data.train, tc.batch_size, config.data.buckets, data.pad_id,
-                                    shuffle=True, drop_remainder=True, seed=config.seed, epoch=epoch)
-      for _ in range(offset):
-        next(epoch_iter)
-    batch = next(epoch_iter)
+    batch = next(train_batches)
     batch.pop("example_index")
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),
                                   dropout_rng)
     step += 1
-    if step % spe == 0:
-      epoch_iter = None
     # nonfinite="stop": the previous step is checked once this one is queued (one scalar
     # fetched, dispatch stays a step ahead); a step that logs, evaluates, saves or stops
     # is checked at once, so no checkpoint or result ever holds a non-finite state.
@@ -1062,24 +1056,18 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
                  metrics["overall"]["mlm_loss"], metrics["overall"]["mlm_accuracy"])
     return metrics
 
-  epoch_iter = None
+  # The order is a pure function of (seed, step): exact resume.
+  train_batches = batching.train_batches(data.train, tc.batch_size, gc.buckets,
+                                         tokenizer.pad_token_id, seed=config.seed, step=step)
   stop_after = tc.stop_after_steps
   dropout_rng = sharding.replicate(dropout_rng, mesh)
   while step < num_steps:
-    epoch, offset = divmod(step, spe)
-    if epoch_iter is None:  # the order is a pure function of (seed, epoch): exact resume
-      epoch_iter = batching.batches(data.train, tc.batch_size, gc.buckets, tokenizer.pad_token_id,
-                                    shuffle=True, drop_remainder=True, seed=config.seed, epoch=epoch)
-      for _ in range(offset):
-        next(epoch_iter)
-    batch = masking.mask_batch(next(epoch_iter), spec,
+    batch = masking.mask_batch(next(train_batches), spec,
                                masking.masking_rng(config.seed, masking.TRAIN_STREAM, step))
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),
                                   dropout_rng)
     step += 1
-    if step % spe == 0:
-      epoch_iter = None
     if config.nonfinite == "stop":
       _check_finite(stage, step, metrics)
     report(step)

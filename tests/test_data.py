@@ -296,6 +296,21 @@ def test_shuffle_deterministic_per_seed_epoch(fake_data):
     assert sorted(seen) == list(range(len(fake_data)))
 
 
+def test_train_batches_resume_anywhere(fake_data):
+    """Step s of the endless stream is batch s mod S of epoch s div S, across epoch
+    boundaries, wherever the stream starts (exact resume)."""
+    spe = batching.steps_per_epoch(fake_data, 4, BUCKETS)
+    epochs = [[b["example_index"].tolist() for b in batching.batches(
+        fake_data, 4, BUCKETS, PAD, shuffle=True, drop_remainder=True, seed=3, epoch=e)]
+        for e in range(3)]
+    expected = [idx for epoch in epochs for idx in epoch]
+    assert len(expected) == 3 * spe
+    for start in (0, 1, spe - 1, spe, spe + 2):
+        stream = batching.train_batches(fake_data, 4, BUCKETS, PAD, seed=3, step=start)
+        got = [next(stream)["example_index"].tolist() for _ in range(3 * spe - start)]
+        assert got == expected[start:], start
+
+
 def test_training_drops_remainder(fake_data):
     bs = 4
     counts = np.bincount(np.searchsorted(BUCKETS, fake_data.lengths), minlength=len(BUCKETS))

@@ -8,6 +8,7 @@ while short texts are not padded to the global maximum.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterator, Sequence
 
@@ -253,6 +254,31 @@ def batches(
 
     for b, idx in plan:
         yield _make_batch(data, idx, batch_size, buckets[b], pad_id)
+
+
+def train_batches(
+    data: TokenizedData,
+    batch_size: int,
+    buckets: Sequence[int],
+    pad_id: int,
+    *,
+    seed: int,
+    step: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches from global step ``step`` on, without end.
+
+    Step s is batch s mod S of epoch s div S (S = ``steps_per_epoch``), epoch e
+    being ``batches(..., shuffle=True, drop_remainder=True, seed=seed,
+    epoch=e)``: the order is a pure function of (seed, step), so a run resumed at
+    step s sees the batches an uninterrupted one would.
+    """
+    spe = steps_per_epoch(data, batch_size, buckets)
+    epoch, offset = divmod(step, spe)
+    while True:
+        epoch_batches = batches(data, batch_size, buckets, pad_id, shuffle=True,
+                                drop_remainder=True, seed=seed, epoch=epoch)
+        yield from itertools.islice(epoch_batches, offset, spe)
+        epoch, offset = epoch + 1, 0
 
 
 def _make_batch(
