@@ -735,14 +735,7 @@ def cross_entropy(logits, labels, example_weights) -> jax.Array:
     labels = jnp.asarray(labels)
     if labels.shape != z.shape[:1]:
         raise ValueError(f"labels must be [B]={z.shape[0]}; got {labels.shape}")
-    w = _f32(example_weights)
-    valid = w > 0
-    z = jnp.where(valid[:, None], z, 0.0)
-    y = jnp.clip(labels.astype(jnp.int32), 0, z.shape[-1] - 1)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-    nll = jnp.where(valid, nll, 0.0)
-    return _safe_div(jnp.sum(nll * w), jnp.sum(w))
+    return _weighted_nll(z, labels, _f32(example_weights))
 
 
 def token_cross_entropy(logits, labels, ignore_index: int = -100) -> jax.Array:
