@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models.dropout import Dropout
+
 FAMILY = "deberta-v2"
 POS_ATT_TYPES = ("c2p", "p2c")
 NORM_REL_EBD = ("none", "layer_norm")
@@ -175,7 +177,7 @@ class Embeddings(nn.Module):
                        name="token_type_embeddings")(token_type_ids)
     x = _layer_norm(cfg, "LayerNorm")(x)
     x = x * attention_mask[..., None].astype(x.dtype)  # HF DebertaV2Embeddings(mask=...)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     return x.astype(cfg.dtype)
 
 
@@ -235,7 +237,7 @@ class DisentangledSelfAttention(nn.Module):
       p2c_index = np.clip(-rel_pos + span, 0, 2 * span - 1)                        # [Tk, Tq]
       lo = int(min(c2p_index.min(), p2c_index.min()))
       hi = int(max(c2p_index.max(), p2c_index.max())) + 1
-      rel = nn.Dropout(cfg.hidden_dropout)(rel_embeddings[lo:hi], deterministic=deterministic)
+      rel = Dropout(cfg.hidden_dropout)(rel_embeddings[lo:hi], deterministic=deterministic)
       rel = rel.astype(cfg.dtype)
       gather = lambda a, index: jnp.take_along_axis(
           a, jnp.broadcast_to(jnp.asarray(index - lo, jnp.int32), (b, nh, t, t)), axis=-1)
@@ -254,7 +256,7 @@ class DisentangledSelfAttention(nn.Module):
     pair_is_real = real[:, None, :, None] & real[:, None, None, :]
     masked = jnp.where(pair_is_real, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1)
-    dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(cfg.dtype), v)
     out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
     return out, scores, probs, v

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kd_jax.models import deberta_v2
+from kd_jax.models.dropout import Dropout
 
 FAMILIES = ("bert", "roberta", "distilbert", deberta_v2.FAMILY)
 # Task heads: one label per sequence, one per token, or masked-LM logits over the vocabulary.
@@ -221,7 +222,7 @@ class Embeddings(nn.Module):
                      name="token_type_embeddings")
       x = x + typ(token_type_ids)
     x = _layer_norm(cfg, "LayerNorm")(x)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     return x.astype(cfg.dtype)
 
 
@@ -255,7 +256,7 @@ class SelfAttention(nn.Module):
     scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
     masked = jnp.where(key_is_real, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1)
-    dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bhkd->bqhd", dropped.astype(cfg.dtype), vh)
     out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
     return out, scores, probs, v
@@ -275,12 +276,12 @@ class EncoderLayer(nn.Module):
       attn, scores, probs, values = SelfAttention(cfg, name="attention")(
           x, attention_mask, deterministic, need_scores)
     if cfg.family != "distilbert":  # HF TransformerBlock has no dropout here
-      attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
+      attn = Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_LayerNorm")(attn + x).astype(cfg.dtype)
     h = _dense(cfg, cfg.intermediate_size, "intermediate")(x)
     h = nn.gelu(h, approximate=False)  # HF "gelu" is the exact erf form
     h = _dense(cfg, cfg.hidden_size, "output")(h)
-    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     x = _layer_norm(cfg, "output_LayerNorm")(h + x).astype(cfg.dtype)
     return x, scores, probs, values
 
@@ -416,15 +417,15 @@ class Encoder(nn.Module):
       table = self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
       logits = LMHead(cfg, name="lm_head")(tokens, table)
     elif cfg.head == "token" and cfg.num_labels > 0:  # HF *ForTokenClassification
-      tokens = nn.Dropout(cfg.classifier_dropout)(tokens, deterministic=deterministic)
+      tokens = Dropout(cfg.classifier_dropout)(tokens, deterministic=deterministic)
       logits = _dense(cfg, cfg.num_labels, "classifier")(tokens).astype(jnp.float32)
     elif cfg.num_labels > 0:
       cls = x[:, 0]
-      drop = nn.Dropout(cfg.classifier_dropout)
+      drop = Dropout(cfg.classifier_dropout)
       if cfg.family == "roberta":  # HF RobertaClassificationHead
         cls = drop(cls, deterministic=deterministic)
       elif cfg.family == deberta_v2.FAMILY:  # HF ContextPooler
-        cls = nn.Dropout(cfg.pooler_dropout)(cls, deterministic=deterministic)
+        cls = Dropout(cfg.pooler_dropout)(cls, deterministic=deterministic)
       pooled = _dense(cfg, cfg.hidden_size, "pooler")(cls)
       pooled = deberta_v2.POOLER_ACTIVATIONS[cfg.pooler_hidden_act](pooled)
       pooled = drop(pooled, deterministic=deterministic)
