@@ -25,6 +25,8 @@ after compilation (JAX, reported separately) and warmup, each step synchronised
 The teacher-forward line times each framework's teacher as its step runs it: kd_jax
 materialises attention scores only for the teacher layers the loss reads (the layer
 map's), transformers returns every layer's (it has no per-layer choice).
+Both frameworks run in one process and so share its malloc (the header prints
+LD_PRELOAD and GLIBC_TUNABLES): see the README's CPU notes on tcmalloc.
 This is a measuring tool, not a test.
 """
 
@@ -422,7 +424,8 @@ def main(argv=None) -> dict:
   threads = a.threads or os.cpu_count()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}"
-        f"; scan_layers {a.scan_layers}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+        f"; scan_layers {a.scan_layers}; LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
                           frameworks=tuple(a.frameworks.split(",")),
                           torch_attention=a.torch_attention, seed=a.seed,

@@ -257,7 +257,8 @@ class SelfAttention(nn.Module):
     masked = jnp.where(key_is_real, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1)
     dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bhkd->bqhd", dropped.astype(cfg.dtype), vh)
+    # bhqd then a transpose: XLA:CPU ran the "->bqhd" einsum's dot ~1.5x slower.
+    context = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(cfg.dtype), vh).transpose(0, 2, 1, 3)
     out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
     return out, scores, probs, v
 
