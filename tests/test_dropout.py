@@ -44,8 +44,11 @@ def test_bernoulli_equal_jax_random(p):
 
 
 def test_other_key_impls_fall_back():
+  assert not dropout.fused_bits_supported(jax.random.split(jax.random.key(0)), (4,))
   key = jax.random.key(1, impl="rbg")
   assert not dropout.fused_bits_supported(key, (4, 4))
+  np.testing.assert_array_equal(np.asarray(dropout.bernoulli(key, 0.7, (4, 4))),
+                                np.asarray(jax.random.bernoulli(key, 0.7, (4, 4))))
   np.testing.assert_array_equal(np.asarray(dropout.random_bits(key, (4, 4))),
                                 np.asarray(jax.random.bits(key, (4, 4), jnp.uint32)))
 

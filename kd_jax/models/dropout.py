@@ -25,8 +25,8 @@ import numpy as np
 from jax import lax
 
 _THREEFRY = "threefry2x32"
-# Threefry-2x32 rotation schedule and key-schedule parity constant (Salmon et al. 2011,
-# Table 4; Random123's threefry.h), as in jax.random.
+# Threefry-2x32 rotation schedule and key-schedule parity constant (Salmon et al. 2011;
+# Random123's threefry.h), as in jax.random.
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KS_PARITY = np.uint32(0x1BD11BDA)
 
@@ -77,9 +77,10 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-  """(k1, k2) of a threefry2x32 key, typed or raw uint32[2]; None for other keys."""
+  """(k1, k2) of one threefry2x32 key, typed (shape ()) or raw (uint32[2]); None for
+  other keys and for arrays of keys."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if str(jax.random.key_impl(key)) != _THREEFRY:
+    if key.shape != () or str(jax.random.key_impl(key)) != _THREEFRY:
       return None
     data = jax.random.key_data(key)
   else:
@@ -94,7 +95,7 @@ def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
 def fused_bits_supported(key: jax.Array, shape: Sequence[int]) -> bool:
   """Whether `random_bits(key, shape)` takes the fused path (see the module docstring)."""
   return (jax.config.jax_threefry_partitionable and _size(shape) < 2**32
-          and key.shape in ((), (2,)) and _threefry_key_words(key) is not None)
+          and _threefry_key_words(key) is not None)
 
 
 def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -112,7 +113,12 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
   """bool [*shape], True with probability `p`; equal to `jax.random.bernoulli(key, p,
-  shape)` (float32 uniform from the top 23 bits, compared with float32(p))."""
+  shape)` (float32 uniform from the top 23 bits, compared with float32(p)). Under
+  jax_enable_x64 a Python float `p` makes JAX draw float64, so that case, like keys the
+  fused path does not take, goes to `jax.random.bernoulli`."""
+  shape = tuple(int(d) for d in shape)
+  if jax.config.jax_enable_x64 or not fused_bits_supported(key, shape):
+    return jax.random.bernoulli(key, p, shape)
   bits = random_bits(key, shape)
   floats = lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000),
                                     jnp.float32) - jnp.float32(1.0)
