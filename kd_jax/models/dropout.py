@@ -4,14 +4,15 @@
 Threefry-2x32 hash (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3")
 as a rolled loop of 5 iterations, each a separate pass over the whole array: one
 [32, 12, 128, 128] attention-probability mask took ~100 ms on this project's 2-core
-CPU, and a 6-layer student draws ~58 M mask bits per step. Written out here unrolled over
+CPU, and a 6-layer student draws ~58 M mask elements per step. Written out here unrolled over
 broadcasted iotas, counter, hash, uniform and select fuse into one XLA loop (~8 ms for
 that mask) that the SPMD partitioner still splits like any elementwise op.
 
 The bits are those `jax.random.bits` returns for the same key (threefry2x32 keys with
 `jax_threefry_partitionable`, JAX's default), so `Dropout` keeps nn.Dropout's masks and a
-run with it equals a run with nn.Dropout. Other key implementations, the
-non-partitionable layout, and arrays of 2**32 elements or more take `jax.random`'s path.
+run with it equals a run with nn.Dropout. Other key implementations, arrays of keys,
+the non-partitionable layout, jax_enable_x64, and arrays of 2**32 elements or more take
+`jax.random`'s path.
 """
 
 from __future__ import annotations
