@@ -17,6 +17,7 @@ the non-partitionable layout, jax_enable_x64, and arrays of 2**32 elements or mo
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -73,10 +74,6 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-def _size(shape: Sequence[int]) -> int:
-  return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-
-
 def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
   """(k1, k2) of one threefry2x32 key, typed (shape ()) or raw (uint32[2]); None for
   other keys and for arrays of keys."""
@@ -95,7 +92,7 @@ def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
 
 def fused_bits_supported(key: jax.Array, shape: Sequence[int]) -> bool:
   """Whether `random_bits(key, shape)` takes the fused path (see the module docstring)."""
-  return (jax.config.jax_threefry_partitionable and _size(shape) < 2**32
+  return (jax.config.jax_threefry_partitionable and math.prod(shape) < 2**32
           and _threefry_key_words(key) is not None)
 
 
@@ -107,6 +104,11 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   shape = tuple(int(d) for d in shape)
   if not fused_bits_supported(key, shape):
     return jax.random.bits(key, shape, jnp.uint32)
+  return _fused_bits(key, shape)
+
+
+def _fused_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`random_bits` where `fused_bits_supported(key, shape)` holds."""
   k1, k2 = _threefry_key_words(key)
   b1, b2 = threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), _flat_index(shape))
   return b1 ^ b2
@@ -120,7 +122,7 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
   shape = tuple(int(d) for d in shape)
   if jax.config.jax_enable_x64 or not fused_bits_supported(key, shape):
     return jax.random.bernoulli(key, p, shape)
-  bits = random_bits(key, shape)
+  bits = _fused_bits(key, shape)
   floats = lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000),
                                     jnp.float32) - jnp.float32(1.0)
   return floats < jnp.float32(p)
