@@ -9,7 +9,12 @@ update after global-norm clipping, with the TinyBERT objective of the paper
 (att + hid + embd + pred MSE + cross-entropy, all weighted 1, masked to real tokens).
 
 * kd_jax: `kd_jax.train.make_train_step` itself on a 1-device mesh, random init
-  (no checkpoint), `make_optimizer` (AdamW, clip 1.0, weight decay 0.01).
+  (no checkpoint), `make_optimizer` (AdamW, clip 1.0, weight decay 0.01), on the same
+  padded [B, T] tensors as PyTorch.
+* kd_jax_unpadded: the same step with the batch's `token_index`
+  (`kd_jax.models.unpad`, what training uses with `data.unpad`): dense layers,
+  LayerNorms, GELU and dropout on the real tokens only, attention on [B, T]. Same
+  examples and loss terms; other dropout draws.
 * PyTorch: transformers `BertForSequenceClassification` teacher (eval, no_grad) and
   student (train mode, dropout 0.1 as kd_jax), eager attention, the same loss terms
   with the same masking, `torch.optim.AdamW` with the same decay mask, grad clipping.
@@ -44,6 +49,7 @@ import numpy as np
 
 from kd_jax import sharding
 from kd_jax.config_base import train_config
+from kd_jax.models import unpad as unpad_lib
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 from kd_jax.train import TrainState, _outputs_needed, make_optimizer, make_train_step
 
@@ -117,10 +123,15 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
 
 
 def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
-              scan_layers: bool = False) -> "Runner":
+              scan_layers: bool = False, unpad: bool = False) -> "Runner":
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
-  both encoders run their layers as one lax.scan (config.scan_layers)."""
+  both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
+  batch carries a `token_index` (budget rounded up to seq_len tokens, as
+  `data.unpad_multiple` 0 does in training)."""
+  if unpad:
+    batch_np = dict(batch_np, token_index=unpad_lib.token_index(
+        batch_np["attention_mask"], 1, multiple=sizes.seq_len))
   mesh = sharding.create_mesh(1)
   tcfg, scfg = encoder_configs(sizes)
   kt, ks = jax.random.split(jax.random.PRNGKey(seed))
@@ -154,12 +165,13 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
                                       sizes.teacher_layers)
 
   @jax.jit
-  def teacher_forward(params, ids, mask):
-    return teacher.apply({"params": params}, ids, mask, deterministic=True, **teacher_kwargs)
+  def teacher_forward(params, ids, mask, token_index):
+    return teacher.apply({"params": params}, ids, mask, deterministic=True,
+                         token_index=token_index, **teacher_kwargs)
 
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  return Runner("kd_jax", one_step,
-                lambda: jax.block_until_ready(teacher_forward(t_params, ids, mask)),
+  ids, mask, index = batch["input_ids"], batch["attention_mask"], batch.get("token_index")
+  return Runner("kd_jax_unpadded" if unpad else "kd_jax", one_step,
+                lambda: jax.block_until_ready(teacher_forward(t_params, ids, mask, index)),
                 lambda: float(box["metrics"]["loss"]), compile_s)
 
 
@@ -334,23 +346,33 @@ def mfu(sizes: Sizes, step_s: float, peak_flops: float | None = None) -> tuple[f
 # ---------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------
+FRAMEWORKS = ("kd_jax", "kd_jax_unpadded", "pytorch")
+
+
 def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int | None = None,
-                  frameworks=("kd_jax", "pytorch"), torch_attention: str = "scores",
+                  frameworks=FRAMEWORKS, torch_attention: str = "scores",
                   seed: int = 0, scan_layers: bool = False) -> dict:
-  """Runs the benchmark; returns {"kd_jax": Result, "pytorch": Result, "ratio": float}
-  where ratio = kd_jax examples/s ÷ PyTorch examples/s (present when both ran).
+  """Runs the benchmark; returns {framework: Result} for each of `frameworks` (a subset
+  of FRAMEWORKS) and, when PyTorch ran, "ratio" (kd_jax examples/s ÷ PyTorch's) and
+  "ratio_unpadded" (kd_jax_unpadded's), for those that ran.
+  Raises ValueError for an unknown framework name.
 
   After `warmup` untimed steps each, the frameworks' steps alternate one by one for
   `steps` rounds (then their teacher forwards likewise), and each reports its median:
   load from elsewhere on a shared machine then hits both alike, and the ratio holds
   where the absolute times drift."""
+  unknown = sorted(set(frameworks) - set(FRAMEWORKS))
+  if unknown:
+    raise ValueError(f"unknown frameworks {unknown}; choose from {FRAMEWORKS}")
   batch_np = make_batch(sizes, seed)
   if "pytorch" in frameworks:
     import torch
     torch.set_num_threads(threads or os.cpu_count() or 1)
   runners = []
-  if "kd_jax" in frameworks:
-    runners.append(setup_jax(sizes, batch_np, seed=seed, scan_layers=scan_layers))
+  for name, unpad in (("kd_jax", False), ("kd_jax_unpadded", True)):
+    if name in frameworks:
+      runners.append(setup_jax(sizes, batch_np, seed=seed, scan_layers=scan_layers,
+                               unpad=unpad))
   if "pytorch" in frameworks:
     runners.append(setup_torch(sizes, batch_np, seed=seed, attention=torch_attention))
   for runner in runners:
@@ -364,8 +386,9 @@ def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int
     key = "pytorch" if runner.framework.startswith("pytorch") else runner.framework
     out[key] = _result(runner.framework, sizes, batch_np, float(np.median(st)),
                        float(np.median(tt)), runner.compile_s, runner.loss())
-  if "kd_jax" in out and "pytorch" in out:
-    out["ratio"] = out["kd_jax"].examples_per_s / out["pytorch"].examples_per_s
+  for name, ratio in (("kd_jax", "ratio"), ("kd_jax_unpadded", "ratio_unpadded")):
+    if name in out and "pytorch" in out:
+      out[ratio] = out[name].examples_per_s / out["pytorch"].examples_per_s
   return out
 
 
@@ -394,8 +417,11 @@ def format_table(results: dict, sizes: Sizes) -> str:
                  f"{r.compile_s:.1f} | {r.loss:.3f} |")
     real = r.tokens_per_s * r.step_s
   text = "\n".join(lines)
-  if "ratio" in results:
-    text += f"\n\nkd_jax / PyTorch examples/s: {results['ratio']:.2f}x"
+  ratios = [f"{name} / PyTorch examples/s: {results[key]:.2f}x"
+            for key, name in (("ratio", "kd_jax"), ("ratio_unpadded", "kd_jax_unpadded"))
+            if key in results]
+  if ratios:
+    text += "\n\n" + "\n".join(ratios)
   text += (f"\n({sizes.batch} examples × {sizes.seq_len} positions, {real:.0f} real tokens "
            f"per step; teacher {sizes.teacher_layers} / student {sizes.student_layers} layers, "
            f"hidden {sizes.hidden}, heads {sizes.heads}, FFN {sizes.intermediate}, "
@@ -412,7 +438,8 @@ def main(argv=None) -> dict:
   p.add_argument("--threads", type=int, default=None,
                  help="torch intra-op threads (default: all cores); XLA uses all cores "
                       "unless XLA_FLAGS says otherwise")
-  p.add_argument("--frameworks", default="kd_jax,pytorch")
+  p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                 help=f"comma-separated subset of {', '.join(FRAMEWORKS)}")
   p.add_argument("--torch_attention", choices=("scores", "probs"), default="scores")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="GPU peak for MFU (default: dense TF32 peak by device kind)")

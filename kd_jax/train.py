@@ -44,6 +44,7 @@ from flax import struct
 
 from kd_jax import evaluation, hf_io, losses, masking, sharding, student_init
 from kd_jax.data import batching, text, tsm
+from kd_jax.models import unpad
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
 STAGES = ("finetune_teacher", "general_distill", "distill")
@@ -116,8 +117,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check("distill.prediction_loss", config.distill.prediction_loss, losses.PREDICTION_LOSSES)
   check("precision", config.precision, PRECISIONS)
   check("nonfinite", config.nonfinite, NONFINITE_MODES)
-  for field in ("remat", "scan_layers"):
+  for field in ("remat", "scan_layers", "unpad"):
     check(field, config[field], (False, True))
+  if not isinstance(config.unpad_multiple, int) or config.unpad_multiple < 0:
+    raise ValueError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
+                     "(0: the batch's sequence length)")
   for axis in sharding.MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -299,6 +303,8 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
   def apply(model, params, batch, **kwargs):
     if "masked_positions" in batch and model.config.head == "mlm":
       kwargs["masked_positions"] = batch["masked_positions"]
+    if "token_index" in batch:  # unpadded execution (kd_jax.models.unpad)
+      kwargs["token_index"] = batch["token_index"]
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs)
 
   def train_step(state: TrainState, teacher_params, batch, rng):
@@ -343,6 +349,19 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
   teacher_sharding = repl if teacher_sharding is None else teacher_sharding
   return jax.jit(train_step, in_shardings=(state_sharding, teacher_sharding, data, repl),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+
+def _maybe_unpad(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                 mesh) -> dict[str, np.ndarray]:
+  """With `config.unpad`, adds the batch's "token_index" (`unpad.token_index`, one group
+  per batch shard of `mesh`, budget a multiple of `config.unpad_multiple` or of the
+  sequence length). The batch is the global one, identical on every process, so every
+  process computes the same budget."""
+  if not config.unpad:
+    return batch
+  mask = batch["attention_mask"]
+  return dict(batch, token_index=unpad.token_index(
+      mask, sharding.batch_divisor(mesh), config.unpad_multiple or mask.shape[1]))
 
 
 def make_predict_step(model: Encoder, mesh, params_sharding: Any = None):
@@ -712,7 +731,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   pending = None  # (stage, step, metrics) not yet checked for non-finite values
   dropout_rng = sharding.replicate(dropout_rng, mesh)
   while step < num_steps:
-    batch = next(train_batches)
+    batch = _maybe_unpad(next(train_batches), config, mesh)
     batch.pop("example_index")
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),
@@ -1062,7 +1081,7 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
   stop_after = tc.stop_after_steps
   dropout_rng = sharding.replicate(dropout_rng, mesh)
   while step < num_steps:
-    batch = masking.mask_batch(next(train_batches), spec,
+    batch = masking.mask_batch(_maybe_unpad(next(train_batches), config, mesh), spec,
                                masking.masking_rng(config.seed, masking.TRAIN_STREAM, step))
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, teacher_params, sharding.shard_global_batch(batch, mesh),

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from kd_jax import config_base, sharding, student_init, train
+from kd_jax.models import unpad
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
@@ -67,15 +68,25 @@ def main():
   weights = {"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}
   proj = {"hid": np.full((16, 32), 0.02, np.float32), "embd": np.full((16, 32), 0.01, np.float32)}
 
-  def run(mesh):
+  no_dropout = dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
+
+  def run(mesh, unpadded=False):
+    # Unpadded steps draw dropout on [G·N, H] (G = batch shards), so they are compared
+    # without dropout.
+    scfg, tcfg = ((student_cfg.replace(**no_dropout), teacher_cfg.replace(**no_dropout))
+                  if unpadded else (student_cfg, teacher_cfg))
     state, state_sharding = train.create_train_state({"model": student_params, "proj": proj},
                                                      tx, mesh)
     teacher_sharding = sharding.param_shardings(teacher_params, mesh)
-    step = train.make_train_step(Encoder(student_cfg), Encoder(teacher_cfg), tx, weights=weights,
+    step = train.make_train_step(Encoder(scfg), Encoder(tcfg), tx, weights=weights,
                                  layer_map=layer_map, prediction_loss="mse", temperature=1.0,
                                  mesh=mesh, state_sharding=state_sharding,
                                  teacher_sharding=teacher_sharding)
-    sharded = sharding.shard_global_batch(batch, mesh)
+    b = batch
+    if unpadded:
+      b = dict(batch, token_index=unpad.token_index(batch["attention_mask"],
+                                                    sharding.batch_divisor(mesh), multiple=4))
+    sharded = sharding.shard_global_batch(b, mesh)
     teacher = sharding.shard_tree(teacher_params, teacher_sharding)
     rng = sharding.replicate(jax.random.PRNGKey(42), mesh)
     for _ in range(2):
@@ -84,6 +95,10 @@ def main():
     report["teacher_intermediate_spec"] = list(
         teacher["layer_0"]["intermediate"]["kernel"].sharding.spec)
     report["batch_devices"] = len(sharded["input_ids"].sharding.device_set)
+    if unpadded:
+      report["token_index_shape"] = list(sharded["token_index"].shape)
+      report["token_index_shard_shape"] = list(
+          sharded["token_index"].addressable_shards[0].data.shape)
     host = jax.device_get((state.params, optax.tree.get(state.opt_state, "mu")))
     return float(metrics["loss"]), host, report
 
@@ -95,6 +110,18 @@ def main():
     out["meshes"]["x".join(map(str, shape))] = dict(
         report, loss=loss, max_param_diff=max(jax.tree.leaves(diffs[0])),
         max_mu_diff=max(jax.tree.leaves(diffs[1])))
+  # Unpadded (one token group per batch shard) against the padded 1-device step.
+  loss_1, ref, _ = run(sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  out["loss_1_no_dropout"], out["unpadded"] = loss_1, {}
+  for shape in ((1, 1, 1),) + MESHES:
+    devices = jax.devices()[:1] if shape == (1, 1, 1) else None
+    loss, got, report = run(sharding.create_mesh(*shape, devices=devices), unpadded=True)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), ref, got)
+    out["unpadded"]["x".join(map(str, shape))] = dict(
+        loss=loss, max_param_diff=max(jax.tree.leaves(diffs[0])),
+        max_mu_diff=max(jax.tree.leaves(diffs[1])),
+        token_index_shape=report["token_index_shape"],
+        token_index_shard_shape=report["token_index_shard_shape"])
   # A dimension its mesh axis does not divide (vocab 51 over tensor=2) is replicated there.
   odd = {"word_embeddings": {"embedding": jax.ShapeDtypeStruct((51, 32), np.float32)}}
   spec = sharding.param_shardings(odd, sharding.create_mesh(2, 2, 2))

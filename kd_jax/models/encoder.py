@@ -51,6 +51,7 @@ from flax import struct
 
 from kd_jax.models import deberta_v2
 from kd_jax.models.dropout import Dropout
+from kd_jax.models.unpad import TokenLayout
 
 FAMILIES = ("bert", "roberta", "distilbert", deberta_v2.FAMILY)
 # Task heads: one label per sequence, one per token, or masked-LM logits over the vocabulary.
@@ -189,6 +190,33 @@ def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
                   kernel_init=nn.initializers.normal(config.initializer_range))
 
 
+class _DenseParams(nn.Module):
+  """The `kernel` [in, features] and `bias` [features] of an `nn.Dense` (same names,
+  initialisers and float32 storage), returned instead of applied."""
+
+  features: int
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    init = nn.initializers.normal(self.config.initializer_range)
+    return (self.param("kernel", init, (in_features, self.features), jnp.float32),
+            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+
+
+def _fused_dense(config: EncoderConfig, x: jax.Array, names: tuple[str, ...],
+                 features: int) -> jax.Array:
+  """`nn.Dense(features, name=n)(x)` for each of `names`, concatenated on the last axis
+  ([..., len(names)·features]) and computed as one matmul over the concatenated
+  kernels, so that one gather (unpadded) moves them all. Same parameters (names,
+  initialisers) and values as separate nn.Dense layers."""
+  params = [_DenseParams(features, config, name=n)(x.shape[-1]) for n in names]
+  kernel = jnp.concatenate([k for k, _ in params], axis=1)
+  bias = jnp.concatenate([b for _, b in params])
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=config.dtype)
+  return jnp.dot(x, kernel) + bias
+
+
 def _layer_norm(config: EncoderConfig, name: str) -> nn.LayerNorm:
   # LayerNorm statistics in float32 even under bf16 compute.
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name)
@@ -231,23 +259,29 @@ class SelfAttention(nn.Module):
   attention dropout) routes through `jax.nn.dot_product_attention`, which picks cuDNN's
   fused kernel on GPU and never materialises the [B, h, T, T] scores there; scores and
   probabilities are then None. Returns (output [B, T, H], scores, probs, values
-  [B, T, h, d])."""
+  [B, T, h, d]). With a `layout` (`kd_jax.models.unpad`), x and the output are the
+  packed real tokens [G·N, H]: the projections run there, attention on [B, T]."""
 
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, deterministic: bool, need_scores: bool = True):
+  def __call__(self, x, attention_mask, deterministic: bool, need_scores: bool = True,
+               layout: TokenLayout | None = None):
     cfg = self.config
-    b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    q = split(_dense(cfg, cfg.hidden_size, "query")(x))
-    k = split(_dense(cfg, cfg.hidden_size, "key")(x))
-    v = split(_dense(cfg, cfg.hidden_size, "value")(x))
+    b, t = attention_mask.shape
+    qkv = _fused_dense(cfg, x, ("query", "key", "value"), cfg.hidden_size)
+    if layout is not None:  # back to [B, T] for attention
+      qkv = layout.to_padded(qkv)
+    q, k, v = (y.reshape(b, t, cfg.num_heads, cfg.head_dim) for y in jnp.split(qkv, 3, -1))
     key_is_real = attention_mask[:, None, None, :].astype(bool)  # [B, 1, 1, T]
+    output = _dense(cfg, cfg.hidden_size, "output")
+
+    def project_out(context):  # [B, T, H] -> output dense, on the real tokens if packed
+      return output(context if layout is None else layout.to_tokens(context))
+
     if not need_scores and (deterministic or cfg.attention_dropout == 0.0):
       context = jax.nn.dot_product_attention(q, k, v, mask=key_is_real)
-      out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
-      return out, None, None, v
+      return project_out(context.reshape(b, t, cfg.hidden_size)), None, None, v
     # Head-major [B, h, T, d] operands: the e5-small-sized teacher forward ran ~15 %
     # faster on XLA:CPU than with [B, T, h, d] ones. Scores and softmax in float32:
     # they are distillation targets and bf16 loses them.
@@ -259,23 +293,27 @@ class SelfAttention(nn.Module):
     dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     # bhqd then a transpose: XLA:CPU ran the "->bqhd" einsum's dot ~1.5x slower.
     context = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(cfg.dtype), vh).transpose(0, 2, 1, 3)
-    out = _dense(cfg, cfg.hidden_size, "output")(context.reshape(b, t, cfg.hidden_size))
-    return out, scores, probs, v
+    return project_out(context.reshape(b, t, cfg.hidden_size)), scores, probs, v
 
 
 class EncoderLayer(nn.Module):
+  """One post-LayerNorm layer: x [B, T, H], or the packed real tokens [G·N, H] with a
+  `layout` (DeBERTa-v2's attention block then runs on [B, T], the rest packed)."""
+
   config: EncoderConfig
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool, rel_embeddings=None,
-               relative_pos=None, need_scores: bool = True):
+               relative_pos=None, need_scores: bool = True, layout: TokenLayout | None = None):
     cfg = self.config
     if cfg.family == deberta_v2.FAMILY:
       attn, scores, probs, values = deberta_v2.DisentangledSelfAttention(cfg, name="attention")(
-          x, attention_mask, rel_embeddings, relative_pos, deterministic)
+          x if layout is None else layout.to_padded(x), attention_mask, rel_embeddings,
+          relative_pos, deterministic)
+      attn = attn if layout is None else layout.to_tokens(attn)
     else:
       attn, scores, probs, values = SelfAttention(cfg, name="attention")(
-          x, attention_mask, deterministic, need_scores)
+          x, attention_mask, deterministic, need_scores, layout)
     if cfg.family != "distilbert":  # HF TransformerBlock has no dropout here
       attn = Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_LayerNorm")(attn + x).astype(cfg.dtype)
@@ -340,7 +378,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
 
   def _scan(self, x, attention_mask, deterministic, rel_embeddings, relative_pos,
-            need_scores: bool, need_probs: bool, need_values: bool):
+            need_scores: bool, need_probs: bool, need_values: bool, layout):
     """The L layers as one `jax.lax.scan` over their parameters, stacked on the fly from
     the usual `layer_{i}` trees: XLA compiles one layer body instead of L. Returns
     (x, hidden, scores, probs, values), lists of L (scores and probs of every layer when
@@ -356,7 +394,7 @@ class Encoder(nn.Module):
       params, key = per_layer
       h, scores, probs, values = layer.apply(
           {"params": params}, h, attention_mask, deterministic, rel_embeddings, relative_pos,
-          need_scores, rngs=None if key is None else {"dropout": key})
+          need_scores, layout, rngs=None if key is None else {"dropout": key})
       return h, (h, scores, probs if need_probs else None, values if need_values else None)
 
     if self.remat:
@@ -371,7 +409,7 @@ class Encoder(nn.Module):
                output_hidden_states: bool = False,
                output_attention_scores: bool | Collection[int] = False,
                output_attentions: bool = False, output_values: bool = False,
-               masked_positions=None) -> EncoderOutput:
+               masked_positions=None, token_index=None) -> EncoderOutput:
     cfg = self.config
     if masked_positions is not None and cfg.head == "sequence":
       raise ValueError("masked_positions needs EncoderConfig.head 'mlm' or 'token', "
@@ -388,12 +426,16 @@ class Encoder(nn.Module):
     else:
       x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     embeddings = x
+    layout = None
+    if token_index is not None:  # the layers run on the packed real tokens
+      layout = TokenLayout.create(jnp.asarray(token_index), *input_ids.shape)
+      x = layout.to_tokens(x)
     score_layers = _layer_set(output_attention_scores, cfg.num_layers, "output_attention_scores")
     if self.scan_layers and not self.is_initializing():
       x, hidden, scores_all, probs_all, values_all = self._scan(
           x, attention_mask, deterministic, rel_embeddings, relative_pos,
           bool(score_layers) or bool(output_attentions), bool(output_attentions),
-          bool(output_values))
+          bool(output_values), layout)
       scores_all = [s if i in score_layers else None for i, s in enumerate(scores_all)]
     else:
       hidden, scores_all, probs_all, values_all = [], [], [], []
@@ -403,12 +445,15 @@ class Encoder(nn.Module):
       for i in range(cfg.num_layers):
         x, scores, probs, values = layer_cls(cfg, name=f"layer_{i}")(
             x, attention_mask, deterministic, rel_embeddings, relative_pos,
-            i in score_layers or bool(output_attentions))
+            i in score_layers or bool(output_attentions), layout)
         hidden.append(x)
         scores_all.append(scores if i in score_layers else None)
         probs_all.append(probs)
         values_all.append(values)
 
+    if layout is not None:  # unused outputs' gathers are dropped by XLA
+      hidden = [layout.to_padded(h) for h in hidden]
+      x = layout.to_padded(x)
     logits = None
     tokens = x  # [B, T, H], or [B, P, H] at masked_positions
     if masked_positions is not None:
