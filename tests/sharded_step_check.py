@@ -70,11 +70,9 @@ def main():
 
   no_dropout = dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
 
-  def run(mesh, unpadded=False):
-    # Unpadded steps draw dropout on [G·N, H] (G = batch shards), so they are compared
-    # without dropout.
-    scfg, tcfg = ((student_cfg.replace(**no_dropout), teacher_cfg.replace(**no_dropout))
-                  if unpadded else (student_cfg, teacher_cfg))
+  def run(mesh, unpadded=False, dropout=True):
+    scfg, tcfg = ((student_cfg, teacher_cfg) if dropout else
+                  (student_cfg.replace(**no_dropout), teacher_cfg.replace(**no_dropout)))
     state, state_sharding = train.create_train_state({"model": student_params, "proj": proj},
                                                      tx, mesh)
     teacher_sharding = sharding.param_shardings(teacher_params, mesh)
@@ -110,12 +108,14 @@ def main():
     out["meshes"]["x".join(map(str, shape))] = dict(
         report, loss=loss, max_param_diff=max(jax.tree.leaves(diffs[0])),
         max_mu_diff=max(jax.tree.leaves(diffs[1])))
-  # Unpadded (one token group per batch shard) against the padded 1-device step.
-  loss_1, ref, _ = run(sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  # Unpadded (one token group per batch shard) against the padded 1-device step. Unpadded
+  # steps draw dropout on [G·N, H] (G = batch shards), so both go without dropout.
+  loss_1, ref, _ = run(sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1]), dropout=False)
   out["loss_1_no_dropout"], out["unpadded"] = loss_1, {}
   for shape in ((1, 1, 1),) + MESHES:
     devices = jax.devices()[:1] if shape == (1, 1, 1) else None
-    loss, got, report = run(sharding.create_mesh(*shape, devices=devices), unpadded=True)
+    loss, got, report = run(sharding.create_mesh(*shape, devices=devices), unpadded=True,
+                            dropout=False)
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), ref, got)
     out["unpadded"]["x".join(map(str, shape))] = dict(
         loss=loss, max_param_diff=max(jax.tree.leaves(diffs[0])),

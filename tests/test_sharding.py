@@ -150,7 +150,7 @@ def test_sharded_steps_match_single_device():
     assert abs(m["loss"] - report["loss_1_no_dropout"]) < 1e-5, name
     assert m["max_param_diff"] < 1e-5, name
     assert m["max_mu_diff"] < 1e-5, name
-    groups = 1 if name == "1x1x1" else 8
+    groups = {"1x1x1": 1, "8x1x1": 8, "2x4x1": 8, "2x2x2": 4}[name]  # data x fsdp
     assert m["token_index_shape"][0] == groups, name
     # each device holds its own group's whole index row
     assert m["token_index_shard_shape"] == [1, m["token_index_shape"][1]], name

@@ -119,6 +119,30 @@ def test_kd_narrow_student_uses_projections(tiny_model_dir, real_data_dir, tmp_p
   assert state["params"]["proj"]["embd"].shape == (16, 32)
 
 
+def test_stages_run_unpadded(tiny_model_dir, real_data_dir, tmp_path, monkeypatch):
+  """config.unpad: every training step of both stages gets a token_index whose budget
+  (a multiple of unpad_multiple) is below the padded batch's positions."""
+  calls = []
+  token_index = train.unpad.token_index
+
+  def spy(mask, groups, multiple):
+    calls.append((mask.size, multiple))
+    out = token_index(mask, groups, multiple)
+    calls[-1] += (out.size,)
+    return out
+
+  monkeypatch.setattr(train.unpad, "token_index", spy)
+  config = tiny_config(tiny_model_dir, real_data_dir)
+  config.unpad, config.unpad_multiple = True, 8
+  config.teacher.train.num_train_steps = 2
+  config.student.train.num_train_steps = 2
+  results = train.train_and_evaluate(config, tmp_path)
+  assert 0 <= results["distill"]["overall"]["macro_f1"] <= 100
+  assert len(calls) == 4, calls
+  for positions, multiple, budget in calls:
+    assert multiple == 8 and budget % 8 == 0 and budget < positions, calls
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("student.init", "from_nowhere", "config.student.init='from_nowhere' is not valid"),
     ("stages", ("finetune",), "config.stages='finetune' is not valid"),
