@@ -12,9 +12,11 @@ update after global-norm clipping, with the TinyBERT objective of the paper
   (no checkpoint), `make_optimizer` (AdamW, clip 1.0, weight decay 0.01), on the same
   padded [B, T] tensors as PyTorch.
 * kd_jax_unpadded: the same step with the batch's `token_index`
-  (`kd_jax.models.unpad`, what training uses with `data.unpad`): dense layers,
-  LayerNorms, GELU and dropout on the real tokens only, attention on [B, T]. Same
-  examples and loss terms; other dropout draws.
+  (`kd_jax.models.unpad`, what training uses with `config.unpad`, budget rounded
+  as there): dense layers, LayerNorms, GELU and dropout on the real
+  tokens only, attention on [B, T]. Same examples and loss terms; other dropout draws.
+  PyTorch runs padded: transformers' padding-free batches (`DataCollatorWithFlattening`)
+  need flash-attention kernels (GPU), which return no attention scores for the loss.
 * PyTorch: transformers `BertForSequenceClassification` teacher (eval, no_grad) and
   student (train mode, dropout 0.1 as kd_jax), eager attention, the same loss terms
   with the same masking, `torch.optim.AdamW` with the same decay mask, grad clipping.
@@ -26,7 +28,7 @@ update after global-norm clipping, with the TinyBERT objective of the paper
 Inputs are random token ids with lengths uniform in [seq_len/2, seq_len]; tokens/s
 counts real (non-padding) tokens. Times are medians of wall-clock seconds per step
 after compilation (JAX, reported separately) and warmup, each step synchronised
-(`jax.block_until_ready`), the two frameworks' steps alternating (`run_benchmark`).
+(`jax.block_until_ready`), the frameworks' steps alternating (`run_benchmark`).
 The teacher-forward line times each framework's teacher as its step runs it: kd_jax
 materialises attention scores only for the teacher layers the loss reads (the layer
 map's), transformers returns every layer's (it has no per-layer choice).
@@ -127,11 +129,12 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
   both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
-  batch carries a `token_index` (budget rounded up to seq_len tokens, as
-  `data.unpad_multiple` 0 does in training)."""
+  batch carries a `token_index` (budget rounded up as `config.unpad_multiple` 0 does
+  in training: to a sixteenth of the batch's positions)."""
   if unpad:
+    mask = batch_np["attention_mask"]
     batch_np = dict(batch_np, token_index=unpad_lib.token_index(
-        batch_np["attention_mask"], 1, multiple=sizes.seq_len))
+        mask, 1, multiple=unpad_lib.default_multiple(mask.size)))
   mesh = sharding.create_mesh(1)
   tcfg, scfg = encoder_configs(sizes)
   kt, ks = jax.random.split(jax.random.PRNGKey(seed))

@@ -149,6 +149,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.unpad = False
   # Token budget granularity of `unpad`: each step's budget (real tokens of the fullest
   # batch shard) is rounded up to a multiple of this; one compilation per distinct budget.
-  # 0: the batch's sequence length.
+  # 0: a sixteenth of a shard's padded positions (at most 16 budgets per padded shape).
   config.unpad_multiple = 0
   return config

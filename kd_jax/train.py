@@ -121,7 +121,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check(field, config[field], (False, True))
   if not isinstance(config.unpad_multiple, int) or config.unpad_multiple < 0:
     raise ValueError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
-                     "(0: the batch's sequence length)")
+                     "(0: a sixteenth of a batch shard's positions)")
   for axis in sharding.MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -354,14 +354,15 @@ def make_train_step(student: Encoder, teacher: Encoder | None, tx, *, weights: M
 def _maybe_unpad(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict,
                  mesh) -> dict[str, np.ndarray]:
   """With `config.unpad`, adds the batch's "token_index" (`unpad.token_index`, one group
-  per batch shard of `mesh`, budget a multiple of `config.unpad_multiple` or of the
-  sequence length). The batch is the global one, identical on every process, so every
-  process computes the same budget."""
+  per batch shard of `mesh`, budget a multiple of `config.unpad_multiple`, or with 0 of
+  `unpad.default_multiple`: a sixteenth of a shard's positions). The batch is the global
+  one, identical on every process, so every process computes the same budget."""
   if not config.unpad:
     return batch
   mask = batch["attention_mask"]
-  return dict(batch, token_index=unpad.token_index(
-      mask, sharding.batch_divisor(mesh), config.unpad_multiple or mask.shape[1]))
+  groups = sharding.batch_divisor(mesh)
+  multiple = config.unpad_multiple or unpad.default_multiple(mask.size // groups)
+  return dict(batch, token_index=unpad.token_index(mask, groups, multiple))
 
 
 def make_predict_step(model: Encoder, mesh, params_sharding: Any = None):

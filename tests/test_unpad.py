@@ -37,6 +37,12 @@ def test_token_index_positions_groups_and_budget():
     unpad.token_index(mask, groups=3)
   with pytest.raises(ValueError, match="multiple=0"):
     unpad.token_index(mask, multiple=0)
+  # default rounding: a sixteenth of the positions, so at most 16 budgets per shape
+  assert [unpad.default_multiple(p) for p in (4096, 17, 8)] == [256, 2, 1]
+  lengths = np.random.default_rng(0).integers(1, 129, size=(200, 32))
+  budgets = {unpad.token_index(np.arange(128) < n[:, None], 1, unpad.default_multiple(4096))
+             .shape[1] for n in lengths}
+  assert budgets <= set(range(256, 4097, 256)) and len(budgets) <= 16
 
 
 def test_layout_gathers_and_their_gradients_against_numpy():
@@ -220,7 +226,7 @@ def test_config_unpad_adds_token_index_per_batch_shard():
   assert "token_index" not in train._maybe_unpad(batch, config, mesh)
   config.unpad = True
   np.testing.assert_array_equal(train._maybe_unpad(batch, config, mesh)["token_index"],
-                                [[0, 1, 4, 5, 6, 7, 8, 8]])  # budget rounded up to T = 4
+                                [[0, 1, 4, 5, 6, 7]])  # 0: multiples of 8/16 -> 1 token
   config.unpad_multiple = 3
   assert train._maybe_unpad(batch, config, mesh)["token_index"].shape == (1, 6)
   config.unpad_multiple = -1

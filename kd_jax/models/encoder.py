@@ -358,6 +358,12 @@ class Encoder(nn.Module):
   encoder, so masked-LM training should pass them. Indices >= T are clipped to T - 1
   and negative ones count from the end (numpy), so padding slots may hold any index
   (e.g. 0) and be masked in the loss.
+  `token_index` [G, N] int32 (`kd_jax.models.unpad.token_index` of the attention mask,
+  G groups of B/G examples): the token-wise work of every layer (projections, FFN,
+  LayerNorm, dropout) runs on the G·N packed real tokens only, attention on [B, T] as
+  usual; outputs are [B, T, ...] as without it, with zeros at padding positions of
+  hidden states. Same values and gradients as the padded call (`tests/test_unpad.py`);
+  dropout masks differ (drawn on [G·N, H]).
   `output_attention_scores`: True for every layer's scores, or a collection of 0-based
   layer indices for only those (the returned tuple keeps L entries, None at the others).
   Layers whose scores are not returned (and `output_attentions` False) run through
