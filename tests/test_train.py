@@ -109,19 +109,11 @@ def test_non_kd_narrow_student_from_base(tiny_model_dir, real_data_dir, tmp_path
   assert (saved["hidden_size"], saved["num_heads"], saved["intermediate_size"]) == (16, 2, 32)
 
 
-def test_kd_narrow_student_uses_projections(tiny_model_dir, real_data_dir, tmp_path):
-  config = tiny_config(tiny_model_dir, real_data_dir, hidden_size=16)
-  config.teacher.train.num_train_steps = 2
-  config.student.train.num_train_steps = 2
-  train.train_and_evaluate(config, tmp_path)
-  _, state = _latest_params(tmp_path / "student")
-  assert state["params"]["proj"]["hid"].shape == (16, 32)
-  assert state["params"]["proj"]["embd"].shape == (16, 32)
-
-
-def test_stages_run_unpadded(tiny_model_dir, real_data_dir, tmp_path, monkeypatch):
-  """config.unpad: every training step of both stages gets a token_index whose budget
-  (a multiple of unpad_multiple) is below the padded batch's positions."""
+def test_kd_narrow_student_uses_projections_unpadded(tiny_model_dir, real_data_dir, tmp_path,
+                                                    monkeypatch):
+  """A narrower student trains its projections W; with config.unpad, where every
+  training step of both stages gets a token_index whose budget (a multiple of
+  unpad_multiple) is below the padded batch's positions."""
   calls = []
   token_index = train.unpad.token_index
 
@@ -132,12 +124,15 @@ def test_stages_run_unpadded(tiny_model_dir, real_data_dir, tmp_path, monkeypatc
     return out
 
   monkeypatch.setattr(train.unpad, "token_index", spy)
-  config = tiny_config(tiny_model_dir, real_data_dir)
+  config = tiny_config(tiny_model_dir, real_data_dir, hidden_size=16)
   config.unpad, config.unpad_multiple = True, 8
   config.teacher.train.num_train_steps = 2
   config.student.train.num_train_steps = 2
   results = train.train_and_evaluate(config, tmp_path)
   assert 0 <= results["distill"]["overall"]["macro_f1"] <= 100
+  _, state = _latest_params(tmp_path / "student")
+  assert state["params"]["proj"]["hid"].shape == (16, 32)
+  assert state["params"]["proj"]["embd"].shape == (16, 32)
   assert len(calls) == 4, calls
   for positions, multiple, budget in calls:
     assert multiple == 8 and budget % 8 == 0 and budget < positions, calls
