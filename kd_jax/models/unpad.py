@@ -1,11 +1,11 @@
 """Unpadded execution: the encoder's token-wise work on real tokens only.
 
 A padded batch [B, T] of sequences with lengths uniform in [T/2, T] is a quarter
-padding, and the dense layers, LayerNorms, GELU and dropout of every layer (about nine
+padding, and the dense layers, LayerNorms, GELU and dropout of every layer (over nine
 tenths of an encoder's FLOPs at T = 128) would compute on it for nothing. With a
 `token_index` the encoder packs the real tokens of each group of examples into
 G·N rows [G·N, H] (N, the token budget, close to the real-token count), runs those
-token-wise parts there, and scatters back to [B, T] only around self-attention, whose
+token-wise parts there, and goes back to [B, T] only around self-attention, whose
 [T, T] scores keep their padded layout (the attention losses read them). The idea is
 NVIDIA's and MosaicML's BERT "unpadding" (flash-attn's `unpad_input` / `pad_input`),
 here with static shapes: N is a shape, so XLA compiles once per budget.
