@@ -13,8 +13,8 @@ update after global-norm clipping, with the TinyBERT objective of the paper
   padded [B, T] tensors as PyTorch.
 * kd_jax_unpadded: the same step with the batch's `token_index`
   (`kd_jax.models.unpad`, what training uses with `config.unpad`, budget rounded
-  as there): dense layers, LayerNorms, GELU and dropout on the real
-  tokens only, attention on [B, T]. Same examples and loss terms; other dropout draws.
+  as there): dense layers, LayerNorms, GELU and dropout on the real tokens only,
+  attention on [B, T]. Same examples and loss terms; other dropout draws.
   PyTorch runs padded: transformers' padding-free batches (`DataCollatorWithFlattening`)
   need flash-attention kernels (GPU), which return no attention scores for the loss.
 * PyTorch: transformers `BertForSequenceClassification` teacher (eval, no_grad) and

@@ -118,9 +118,8 @@ def test_kd_narrow_student_uses_projections_unpadded(tiny_model_dir, real_data_d
   token_index = train.unpad.token_index
 
   def spy(mask, groups, multiple):
-    calls.append((mask.size, multiple))
     out = token_index(mask, groups, multiple)
-    calls[-1] += (out.size,)
+    calls.append((mask.size, multiple, out.size))
     return out
 
   monkeypatch.setattr(train.unpad, "token_index", spy)

@@ -42,7 +42,7 @@ def test_token_index_positions_groups_and_budget():
   lengths = np.random.default_rng(0).integers(1, 129, size=(200, 32))
   budgets = {unpad.token_index(np.arange(128) < n[:, None], 1, unpad.default_multiple(4096))
              .shape[1] for n in lengths}
-  assert budgets <= set(range(256, 4097, 256)) and len(budgets) <= 16
+  assert budgets <= set(range(256, 4097, 256))  # the 16 multiples of 256
 
 
 def test_layout_gathers_and_their_gradients_against_numpy():
