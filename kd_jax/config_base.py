@@ -10,6 +10,16 @@ from ml_collections import config_dict
 from kd_jax.data.tsm import TSM_LANGUAGES
 
 
+class ConfigError(ValueError):
+  """A config field (or flag) whose value kd_jax cannot run; the message names the field.
+  Raised before any stage trains (`train.validate_config`, `train.check_before_training`);
+  `kd_jax.main` prints it as one line."""
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+  """A config path field that names a file or directory which does not exist."""
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """Optimiser and schedule of one stage (AdamW, warmup then linear decay)."""
   tc = ml_collections.ConfigDict(dict(

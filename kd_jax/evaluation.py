@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from sklearn.metrics import f1_score
+
+from kd_jax import paths
 
 __all__ = ["classification_metrics", "format_markdown_table", "write_results"]
 
@@ -195,45 +197,29 @@ def _to_jsonable(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(
     workdir: str | os.PathLike,
     name: str,
     metrics: dict,
     language_names: Sequence[str],
-) -> tuple[str, str]:
+) -> tuple[epath.Path, epath.Path]:
     """Write ``<workdir>/<name>.json`` (indent 2) and ``<workdir>/<name>.md``.
 
     ``metrics`` is a :func:`classification_metrics` result; the Markdown
     file holds its one-row table (run name = ``name``), plus seen/unseen
     averages when present. Each file is written to a temp file in
-    ``workdir`` and moved into place with ``os.replace`` (atomic). NaN /
+    ``workdir`` and renamed into place (``paths.write_text_atomic``). NaN /
     numpy scalars are converted to JSON-safe values. ``workdir`` is created
     if needed.
 
     Returns:
       ``(json_path, md_path)``.
     """
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    json_path = os.path.join(workdir, f"{name}.json")
-    md_path = os.path.join(workdir, f"{name}.md")
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = workdir / f"{name}.json", workdir / f"{name}.md"
 
-    _atomic_write(json_path, json.dumps(_to_jsonable(metrics), indent=2) + "\n")
+    paths.write_text_atomic(json_path, json.dumps(_to_jsonable(metrics), indent=2) + "\n")
 
     md = [f"# {name}", "", "Macro-F1 (%)", "", format_markdown_table({name: metrics}, language_names)]
     if "seen_avg_macro_f1" in metrics:
@@ -247,5 +233,5 @@ def write_results(
             f"- overall accuracy: {_fmt(overall.get('accuracy'))} "
             f"({overall.get('num_examples', '?')} examples)"
         )
-    _atomic_write(md_path, "\n".join(md).rstrip("\n") + "\n")
+    paths.write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
     return json_path, md_path

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -32,8 +31,9 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
-from kd_jax import hf_io
+from kd_jax import hf_io, paths
 from kd_jax.data.tsm import TSM_LABELS
 from kd_jax.models.encoder import EncoderConfig, init_params
 
@@ -223,7 +223,7 @@ def export_state_dict(params: Mapping, config: EncoderConfig) -> dict[str, np.nd
   return hf_io.params_to_state_dict(params, config, prefix=prefix)
 
 
-def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
+def _prepare_out_dir(out_dir: epath.Path, overwrite: bool) -> None:
   if out_dir.exists() and not out_dir.is_dir():
     raise FileExistsError(f"{out_dir} exists and is not a directory")
   if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -234,7 +234,7 @@ def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
 def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike, *,
               tokenizer_dir: str | os.PathLike | None = None,
               id2label: Mapping[int, str] | Sequence[str] | None = None,
-              overwrite: bool = False) -> pathlib.Path:
+              overwrite: bool = False) -> epath.Path:
   """Writes `params` as a transformers model directory.
 
   Args:
@@ -242,8 +242,9 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
       written as float32); a training tree {"model": ..., "proj": ...} or a variables
       dict {"params": ...} is accepted and only the model parameters are written.
     config: the EncoderConfig the parameters belong to.
-    out_dir: directory to create. Written into a temporary sibling directory and renamed
-      into place, so a failed export leaves no partial directory behind.
+    out_dir: local directory to create (a relative path is resolved against the current
+      directory). Written into a temporary sibling directory and renamed into place, so
+      a failed export leaves no partial directory behind.
     tokenizer_dir: directory of the model's tokenizer (read with hf_io.load_tokenizer and
       written with its save_pretrained); None writes no tokenizer.
     id2label: class names ({id: name} or a sequence); default LABEL_0.. .
@@ -252,10 +253,11 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
     `out_dir` as a Path.
   Raises:
     FileExistsError: `out_dir` is non-empty (and not `overwrite`) or is a file.
+    ValueError: `out_dir` is a URI (gs://...): export locally, then copy.
     ValueError: parameters that do not fit `config` (lists every mismatch), bad
       id2label, or a tokenizer that cannot be loaded or has more ids than vocab_size.
   """
-  out_dir = pathlib.Path(out_dir).expanduser().absolute()
+  out_dir = paths.resolve_local(out_dir, "out_dir")
   _prepare_out_dir(out_dir, overwrite)
   # Everything that can fail on bad input is done before anything is written.
   state_dict = export_state_dict(params, config)
@@ -267,7 +269,7 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
 
   from safetensors.numpy import save_file
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   old = None
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -279,7 +281,7 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
       os.chmod(f, 0o644)
     _prepare_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
     if out_dir.exists():  # empty, or overwrite: move it aside, then swap in the new one
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      old = epath.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
       os.replace(out_dir, old / "d")
     os.replace(tmp, out_dir)
   except BaseException:
@@ -307,7 +309,7 @@ def stage_labels(info: Mapping, num_labels: int) -> tuple[str, ...] | None:
 
 def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, labels: Sequence[str] | None = None,
-                 tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+                 tokenizer_dir: str | os.PathLike | None = None) -> epath.Path:
   """Exports the best-val parameters of a finished stage (`<workdir>/student` or `teacher`).
 
   Reads `<stage_dir>/model_config.json`, restores `checkpoints/best`, and takes the
@@ -319,7 +321,7 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     FileExistsError, ValueError: as export_hf.
   """
   from kd_jax import train  # heavy imports (orbax, clu) only when needed
-  stage_dir = pathlib.Path(stage_dir)
+  stage_dir = paths.resolve(stage_dir)
   config, info = train._load_model_config(stage_dir)
   params = train.restore_best_params(stage_dir, config)
   if tokenizer_dir is None and info.get("base_model"):
@@ -330,12 +332,12 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    overwrite=overwrite)
 
 
-def find_stage_dir(workdir: str | os.PathLike, stage: str | None = None) -> pathlib.Path:
+def find_stage_dir(workdir: str | os.PathLike, stage: str | None = None) -> epath.Path:
   """The stage directory to export: `workdir` itself when it holds model_config.json
   (and no `stage` is asked for), else `<workdir>/<stage>`, by default `student` when
   present, else `teacher`.
   Raises FileNotFoundError naming what was looked for."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.resolve(workdir)
   if stage is not None:
     if stage not in STAGE_DIRS:
       raise ValueError(f"stage={stage!r}; choose from {list(STAGE_DIRS)}")
@@ -357,7 +359,7 @@ def find_stage_dir(workdir: str | os.PathLike, stage: str | None = None) -> path
                           "run directory with student/ or teacher/")
 
 
-def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+def main(argv: Sequence[str] | None = None) -> epath.Path:
   parser = argparse.ArgumentParser(
       prog="python -m kd_jax.export",
       description="Export a trained kd_jax stage as a Hugging Face transformers directory.")
@@ -371,9 +373,11 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                       help="comma-separated class names (default: the stage's, e.g. tsm's)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  stage_dir = find_stage_dir(args.workdir, args.stage)
+  # Paths are resolved once here, against the current directory.
+  stage_dir = find_stage_dir(paths.resolve(args.workdir), args.stage)
+  out = paths.resolve_local(args.out, "--out")
   labels = tuple(args.labels.split(",")) if args.labels else None
-  out = export_stage(stage_dir, args.out, overwrite=args.overwrite, labels=labels)
+  out = export_stage(stage_dir, out, overwrite=args.overwrite, labels=labels)
   print(f"exported {stage_dir} -> {out}")
   return out
 

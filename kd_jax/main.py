@@ -2,6 +2,9 @@
 
 import logging as py_logging
 import os
+import re
+import sys
+from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,6 +28,43 @@ class _QuietCheckpointing(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def unknown_field_message(argv: Sequence[str], error: Exception) -> str | None:
+  """One line naming the unknown field of a `--config.<field>=...` override in `argv`
+  that ml_collections rejected with `error` (an AttributeError or KeyError whose message
+  quotes the key and may say "Did you mean"), with the suggestion as a full field name;
+  None when no override holds the key."""
+  key = re.search(r"\\?'(\w+)\\?'", str(error))  # quoted as \'key\' in the message
+  if key is None:
+    return None
+  key = key.group(1)
+  for arg in argv:
+    if not arg.startswith(("--config.", "-config.")):
+      continue
+    parts = arg.lstrip("-").split("=", 1)[0].split(".")
+    if key in parts[1:]:
+      i = parts.index(key, 1)
+      field, parent = ".".join(parts[:i + 1]), ".".join(parts[:i])
+      message = f"error: {field} is not a field of {parent}"
+      suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+      if suggestion:
+        message += f"; did you mean {parent}.{suggestion.group(1)}?"
+      return message + " (all fields and their defaults: kd_jax/config_base.py)"
+  return None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with an unknown config field (`--config.student.nmu_layers=3`)
+  reported as one line naming it instead of ml_collections' raw AttributeError."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = unknown_field_message(argv, e)
+    if message is None:
+      raise
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -38,8 +78,13 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
   logging.info("config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from kd_jax.config_base import ConfigError
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:  # raised before any training; the message names the field
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import signal
 import threading
 from typing import Any, Mapping, Sequence
@@ -40,9 +39,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import struct
 
-from kd_jax import evaluation, hf_io, losses, masking, sharding, student_init
+from kd_jax import evaluation, hf_io, losses, masking, paths, sharding, student_init
+from kd_jax.config_base import ConfigError, MissingPathError
 from kd_jax.data import batching, text, tsm
 from kd_jax.models import unpad
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
@@ -101,10 +102,11 @@ class PreemptionGuard:
 # config checks: everything that can be wrong is found before training starts
 # ---------------------------------------------------------------------------
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field for unknown values in `config`."""
+  """Raises config_base.ConfigError (a ValueError) naming the field for unknown or
+  invalid values in `config`."""
   def check(field, value, valid):
     if value not in valid:
-      raise ValueError(f"config.{field}={value!r} is not valid; choose from {list(valid)}")
+      raise ConfigError(f"config.{field}={value!r} is not valid; choose from {list(valid)}")
 
   for stage in config.stages:
     check("stages", stage, STAGES)
@@ -120,38 +122,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("remat", "scan_layers", "unpad"):
     check(field, config[field], (False, True))
   if not isinstance(config.unpad_multiple, int) or config.unpad_multiple < 0:
-    raise ValueError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
+    raise ConfigError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
                      "(0: a sixteenth of a batch shard's positions)")
   for axis in sharding.MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f"config.mesh.{axis}={size!r} must be an int >= 1 or -1 (the rest)")
+      raise ConfigError(f"config.mesh.{axis}={size!r} must be an int >= 1 or -1 (the rest)")
   if sum(config.mesh[axis] == -1 for axis in sharding.MESH_AXES) > 1:
-    raise ValueError("config.mesh: only one of data, fsdp, tensor may be -1 (the rest), got "
+    raise ConfigError("config.mesh: only one of data, fsdp, tensor may be -1 (the rest), got "
                      + ", ".join(f"{a}={config.mesh[a]}" for a in sharding.MESH_AXES))
   for term in config.distill.weights:
     check("distill.weights", term, losses.DISTILL_TERMS)
     if float(config.distill.weights[term]) < 0:
-      raise ValueError(f"config.distill.weights.{term}={config.distill.weights[term]} is negative")
+      raise ConfigError(f"config.distill.weights.{term}={config.distill.weights[term]} is negative")
   check("student.layer_map_strategy", config.student.layer_map_strategy,
         student_init.INIT_LAYER_MAP_STRATEGIES)
   check("distill.layer_map_strategy", config.distill.layer_map_strategy,
         ("",) + student_init.LAYER_MAP_STRATEGIES)
   alpha = float(config.distill.alpha)
   if alpha > 1:
-    raise ValueError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
+    raise ConfigError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
   for name in ("teacher", "student", "general"):
     tc = config[name].train
     if tc.batch_size < 1 or tc.eval_batch_size < 1:
-      raise ValueError(f"config.{name}.train.batch_size and eval_batch_size must be >= 1")
+      raise ConfigError(f"config.{name}.train.batch_size and eval_batch_size must be >= 1")
     if tc.num_train_steps <= 0 and tc.num_epochs <= 0:
-      raise ValueError(f"config.{name}.train: set num_train_steps or num_epochs > 0")
-  batching.validate_buckets(config.data.buckets, config.data.max_length)
+      raise ConfigError(f"config.{name}.train: set num_train_steps or num_epochs > 0")
+  _check_buckets("data", config.data)
   if config.data.max_length > 512:
-    raise ValueError(f"config.data.max_length={config.data.max_length} exceeds 512 positions")
+    raise ConfigError(f"config.data.max_length={config.data.max_length} exceeds 512 positions")
   for term in losses.MLM_TERMS:
     if float(config.distill.weights.get(term, 0.0)) > 0:
-      raise ValueError(f"config.distill.weights.{term}: MLM terms need masked text; they "
+      raise ConfigError(f"config.distill.weights.{term}: MLM terms need masked text; they "
                        "belong in config.general.weights (stage general_distill)")
   teacher_dirs = _split_checkpoints(config.teacher.checkpoint)
   if len(teacher_dirs) > 1 and config.distill.kd and "distill" in config.stages:
@@ -160,7 +162,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     # heads), so a mean of them is no representation to distill from.
     bad = [t for t in losses.INTERMEDIATE_TERMS if float(config.distill.weights.get(t, 0)) > 0]
     if bad:
-      raise ValueError(
+      raise ConfigError(
           f"config.teacher.checkpoint names {len(teacher_dirs)} teachers, but "
           + ", ".join(f"config.distill.weights.{t}={config.distill.weights[t]}" for t in bad)
           + " > 0: with several teachers only the logit terms (pred, soft_ce, clf) are "
@@ -170,22 +172,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for term in gc.weights:
     check("general.weights", term, GENERAL_TERMS)
     if float(gc.weights[term]) < 0:
-      raise ValueError(f"config.general.weights.{term}={gc.weights[term]} is negative")
+      raise ConfigError(f"config.general.weights.{term}={gc.weights[term]} is negative")
   if "general_distill" in config.stages:
     if not any(float(v) > 0 for v in gc.weights.values()):
-      raise ValueError("config.general.weights: no term has a positive weight")
+      raise ConfigError("config.general.weights: no term has a positive weight")
     if not 0 < float(gc.mask_rate) <= 1:
-      raise ValueError(f"config.general.mask_rate={gc.mask_rate} must be in (0, 1]")
+      raise ConfigError(f"config.general.mask_rate={gc.mask_rate} must be in (0, 1]")
     if gc.heldout_size < 1:
-      raise ValueError(f"config.general.heldout_size={gc.heldout_size} must be >= 1")
-    batching.validate_buckets(gc.buckets, gc.max_length)
+      raise ConfigError(f"config.general.heldout_size={gc.heldout_size} must be >= 1")
+    _check_buckets("general", gc)
     if gc.max_length > 512:
-      raise ValueError(f"config.general.max_length={gc.max_length} exceeds 512 positions")
+      raise ConfigError(f"config.general.max_length={gc.max_length} exceeds 512 positions")
     for lang in gc.tsm_languages:
       check("general.tsm_languages", lang, tsm.TSM_LANGUAGES)
     if not (gc.text_files or gc.tsm_languages or gc.sib200_languages):
-      raise ValueError("config.general: no text; set text_files, tsm_languages or "
+      raise ConfigError("config.general: no text; set text_files, tsm_languages or "
                        "sib200_languages")
+
+
+def _check_buckets(section: str, fields: ml_collections.ConfigDict) -> None:
+  try:
+    batching.validate_buckets(fields.buckets, fields.max_length)
+  except ValueError as e:
+    raise ConfigError(f"config.{section}.buckets={tuple(fields.buckets)}, "
+                      f"config.{section}.max_length={fields.max_length}: {e}") from e
 
 
 def _split_checkpoints(value) -> tuple[str, ...]:
@@ -197,12 +207,12 @@ def _split_checkpoints(value) -> tuple[str, ...]:
 
 
 def teacher_checkpoints(config: ml_collections.ConfigDict,
-                        workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
+                        workdir: epath.Path) -> tuple[epath.Path, ...]:
   """The teacher stage dirs of `distill`: config.teacher.checkpoint, else <workdir>/teacher."""
   dirs = _split_checkpoints(config.teacher.checkpoint)
   if not dirs:
     return (workdir / STAGE_DIRS["finetune_teacher"],)
-  return tuple(pathlib.Path(d) for d in dirs)
+  return tuple(epath.Path(d) for d in dirs)
 
 
 # ---------------------------------------------------------------------------
@@ -421,13 +431,30 @@ def evaluate(predict, params, data: batching.TokenizedData, *, batch_size: int, 
 def layer_maps(config: ml_collections.ConfigDict, num_teacher_layers: int,
                num_student_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(initialisation map, loss map) from config.student / config.distill layer-map fields
-  (see `student_init.resolve_layer_maps`; 1-based teacher layer per student layer)."""
-  return student_init.resolve_layer_maps(
-      num_teacher_layers, num_student_layers,
-      student_strategy=config.student.layer_map_strategy,
-      student_layer_map=tuple(config.student.layer_map) or None,
-      distill_strategy=config.distill.layer_map_strategy,
-      distill_layer_map=tuple(config.distill.layer_map) or None)
+  (see `student_init.resolve_layer_maps`; 1-based teacher layer per student layer).
+
+  Raises ConfigError naming the config fields (and the teacher's depth) when a map cannot
+  be built: more student than teacher layers, a uniform map that does not divide, an
+  explicit map of the wrong length or with a layer outside 1..N."""
+  sc, dc = config.student, config.distill
+  kwargs = dict(student_strategy=sc.layer_map_strategy,
+                student_layer_map=tuple(sc.layer_map) or None)
+  try:
+    student_init.resolve_layer_maps(num_teacher_layers, num_student_layers, **kwargs)
+  except ValueError as e:
+    raise ConfigError(
+        f"config.student.num_layers={num_student_layers}, layer_map_strategy="
+        f"{sc.layer_map_strategy!r}, layer_map={list(sc.layer_map)} do not fit a teacher of "
+        f"{num_teacher_layers} layers: {e}") from e
+  try:
+    return student_init.resolve_layer_maps(
+        num_teacher_layers, num_student_layers, distill_strategy=dc.layer_map_strategy,
+        distill_layer_map=tuple(dc.layer_map) or None, **kwargs)
+  except ValueError as e:
+    raise ConfigError(
+        f"config.distill.layer_map_strategy={dc.layer_map_strategy!r}, layer_map="
+        f"{list(dc.layer_map)} do not fit a {num_student_layers}-layer student of a "
+        f"{num_teacher_layers}-layer teacher: {e}") from e
 
 
 def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict,
@@ -437,12 +464,12 @@ def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict,
   `init`: the initialisation strategy (default `sc.init`; general_distill passes its own)."""
   hidden = sc.hidden_size or teacher.hidden_size
   if hidden > teacher.hidden_size and (init or sc.init) != "from_scratch":
-    raise ValueError(f"config.student.hidden_size={hidden} is wider than the teacher's "
+    raise ConfigError(f"config.student.hidden_size={hidden} is wider than the teacher's "
                      f"{teacher.hidden_size}; weight copying needs hidden_size <= teacher's")
   ratio = hidden / teacher.hidden_size
   heads = max(1, round(teacher.num_heads * ratio))
   if hidden % heads:
-    raise ValueError(f"config.student.hidden_size={hidden} is not divisible by {heads} heads")
+    raise ConfigError(f"config.student.hidden_size={hidden} is not divisible by {heads} heads")
   return teacher.replace(num_layers=sc.num_layers, hidden_size=hidden, num_heads=heads,
                          intermediate_size=int(round(teacher.intermediate_size * ratio)))
 
@@ -452,20 +479,18 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
+def _write_json_atomic(path: epath.Path, obj) -> None:
   if not _is_primary():
     return
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
-def _save_model_config(stage_dir: pathlib.Path, cfg: EncoderConfig, extra: Mapping) -> None:
+def _save_model_config(stage_dir: epath.Path, cfg: EncoderConfig, extra: Mapping) -> None:
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
   _write_json_atomic(stage_dir / "model_config.json", {"encoder": fields, **extra})
 
 
-def _load_model_config(stage_dir: pathlib.Path) -> tuple[EncoderConfig, dict]:
+def _load_model_config(stage_dir: epath.Path) -> tuple[EncoderConfig, dict]:
   path = stage_dir / "model_config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {stage_dir} the directory of a "
@@ -474,42 +499,48 @@ def _load_model_config(stage_dir: pathlib.Path) -> tuple[EncoderConfig, dict]:
   return EncoderConfig(**info.pop("encoder")), info
 
 
-def _best_params_manager(stage_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
+def _best_params_manager(stage_dir: epath.Path, create: bool) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       stage_dir / "checkpoints" / "best",
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_macro_f1"],
-                                           best_mode="max", create=create))
+                                           best_mode="max", create=create),
+      item_handlers=ocp.StandardCheckpointHandler())  # so item_metadata reads the tree
 
 
-def _check_shapes(target: Any, restored: Any) -> None:
-  """Raises ValueError naming the first leaf whose restored shape differs from the
-  target's (Orbax restores numpy targets as saved, without comparing shapes)."""
-  def check(path, t, r):
-    if np.shape(t) != np.shape(r):
-      raise ValueError(f"{sharding.path_name(path)}: saved shape {np.shape(r)}, "
-                       f"expected {np.shape(t)}")
-  jax.tree_util.tree_map_with_path(check, target, restored)
+def _check_saved_tree(target: Any, saved: Any, where: str) -> None:
+  """Raises hf_io.CheckpointMismatchError listing every leaf that `saved` (the
+  checkpoint's metadata tree: shapes) lacks, has in excess, or holds with another shape
+  than `target`; `where` names the checkpoint and the model config it was checked
+  against. Checked before restoring, so Orbax's own errors are never mistaken for a
+  mismatch."""
+  flat = lambda tree: {sharding.path_name(k): np.shape(v) for k, v in
+                       jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, have = flat(target), flat(saved)
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: saved shape {have[k]}, expected {want[k]}"
+               for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+  if problems:
+    raise hf_io.CheckpointMismatchError(f"{where}: " + "; ".join(problems))
 
 
-def _restore_params(mngr: ocp.CheckpointManager, step: int, ckpt_dir: pathlib.Path,
-                    stage_dir: pathlib.Path, cfg: EncoderConfig, *, as_numpy: bool) -> dict:
+def _restore_params(mngr: ocp.CheckpointManager, step: int, ckpt_dir: epath.Path,
+                    stage_dir: epath.Path, cfg: EncoderConfig, *, as_numpy: bool) -> dict:
   """Restores step `step` of `mngr` as `cfg`'s parameter tree (numpy or jax arrays).
 
-  Raises ValueError naming the checkpoint and model_config.json when the saved tree or a
-  leaf's shape does not fit `cfg`."""
+  Raises hf_io.CheckpointMismatchError (a ValueError) naming the checkpoint and
+  model_config.json when the saved tree or a leaf's shape does not fit `cfg`; any other
+  error (I/O, Orbax) propagates as it is."""
   target = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   if as_numpy:
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
-  try:
-    params = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    _check_shapes(target, params)
-    return params
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{ckpt_dir}/{step}: checkpoint does not match the model config "
-                     f"{stage_dir / 'model_config.json'}: {e}") from e
+  _check_saved_tree(target, mngr.item_metadata(step).tree,
+                    f"{ckpt_dir}/{step}: checkpoint does not match the model config "
+                    f"{stage_dir / 'model_config.json'}")
+  return mngr.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def restore_best_params(stage_dir: pathlib.Path, cfg: EncoderConfig, *,
+def restore_best_params(stage_dir: epath.Path, cfg: EncoderConfig, *,
                         as_numpy: bool = False) -> dict:
   """The best-val parameters saved by a stage (e.g. the fine-tuned teacher).
 
@@ -561,7 +592,7 @@ def load_stage_data(config: ml_collections.ConfigDict, tokenizer) -> StageData:
 # ---------------------------------------------------------------------------
 # one stage
 # ---------------------------------------------------------------------------
-def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
               preemption: PreemptionGuard | None = None) -> dict:
   """Trains one stage to the end (or resumes it) and returns its test metrics, or {} when
   it stopped early (SIGTERM through `preemption`, or train.stop_after_steps)."""
@@ -794,7 +825,7 @@ def _check_finite(stage: str, step: int, metrics: Mapping[str, jax.Array]) -> No
       "such steps.")
 
 
-def _latest_manager(stage_dir: pathlib.Path) -> ocp.CheckpointManager:
+def _latest_manager(stage_dir: epath.Path) -> ocp.CheckpointManager:
   """Orbax manager of the resumable state (`checkpoints/latest`, the newest step only).
 
   What makes a save killed half-way (SIGKILL, power loss) harmless is Orbax's own
@@ -816,13 +847,14 @@ def _latest_manager(stage_dir: pathlib.Path) -> ocp.CheckpointManager:
 # ---------------------------------------------------------------------------
 # general (task-agnostic) distillation: masked language modelling on unlabeled text
 # ---------------------------------------------------------------------------
-def _final_params_manager(stage_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
+def _final_params_manager(stage_dir: epath.Path, create: bool) -> ocp.CheckpointManager:
   """`checkpoints/final`: the general_distill student's parameters (MLM head included)."""
   return ocp.CheckpointManager(stage_dir / "checkpoints" / "final",
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create),
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
-def restore_stage_params(stage_dir: pathlib.Path, cfg: EncoderConfig) -> dict:
+def restore_stage_params(stage_dir: epath.Path, cfg: EncoderConfig) -> dict:
   """Host (numpy) parameters of a finished stage: `checkpoints/final` (general_distill),
   else `checkpoints/best` (finetune_teacher, distill).
 
@@ -849,7 +881,7 @@ def load_general_teacher(config: ml_collections.ConfigDict) -> tuple[EncoderConf
   Returns (EncoderConfig, host params, the name used).
   """
   name = config.general.teacher or config.model
-  path = pathlib.Path(name)
+  path = epath.Path(name)
   if (path / "model_config.json").is_file():
     cfg, _ = _load_model_config(path)
     return cfg, restore_stage_params(path, cfg), name
@@ -877,7 +909,7 @@ def _init_general_student(config: ml_collections.ConfigDict, random_params: dict
   return {**params, **fresh}, provenance
 
 
-def load_general_student(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def load_general_student(config: ml_collections.ConfigDict, workdir: epath.Path,
                          num_classes: int, head_rng) -> tuple[EncoderConfig, dict, dict]:
   """Student of `student.init="from_general"`: the general_distill student's final weights
   (`config.student.checkpoint`, default <workdir>/general) without its MLM head, plus a
@@ -889,7 +921,7 @@ def load_general_student(config: ml_collections.ConfigDict, workdir: pathlib.Pat
     ValueError: not a general_distill stage, or its depth / width differ from
       config.student.num_layers / hidden_size.
   """
-  general_dir = pathlib.Path(config.student.checkpoint or workdir / STAGE_DIRS["general_distill"])
+  general_dir = epath.Path(config.student.checkpoint or workdir / STAGE_DIRS["general_distill"])
   if not (general_dir / "model_config.json").is_file():
     raise FileNotFoundError(
         f"{general_dir / 'model_config.json'} does not exist: config.student.init="
@@ -956,7 +988,7 @@ def evaluate_mlm(mlm_eval, params, data: batching.TokenizedData, spec: masking.M
           "per_source": {name: metrics(*sums[:, j]) for j, name in enumerate(sources)}}
 
 
-def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
                       preemption: PreemptionGuard | None = None) -> dict:
   """general_distill: task-agnostic distillation of a student with an MLM head on unlabeled
   text (config.general), to the end or resumed; returns the held-out MLM metrics, or {}
@@ -1116,21 +1148,107 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: pa
   return metrics
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: epath.Path) -> dict:
   return json.loads(path.read_text())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+def _pretrained_config(name: str, num_labels: int, head: str = "sequence") -> EncoderConfig:
+  """The EncoderConfig of a pretrained model from its config.json alone (no weights)."""
+  model_dir = hf_io.resolve_model_dir(name)
+  return hf_io.config_from_hf(hf_io.read_hf_config(model_dir), num_labels,
+                              source=str(model_dir / "config.json"), head=head)
+
+
+def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path,
+                          mesh) -> None:
+  """Checks, before any stage trains, what the stages would otherwise find only when they
+  start: each stage's batch sizes against `mesh`, the student's depth, width and layer
+  maps against each teacher's shape, and the teacher dirs of `distill`. Reads
+  config.json / model_config.json only, no weights.
+
+  The teacher of `distill` is each stage dir of `teacher_checkpoints` (its
+  model_config.json), or, for `<workdir>/teacher` trained in this run, `config.model`'s
+  shape; that of `general_distill` is `config.general.teacher` (a stage dir or a
+  pretrained model), default `config.model`. The checks are `student_config` and
+  `layer_maps`, the functions the stages themselves run.
+  Raises:
+    config_base.ConfigError: naming the config field (student.num_layers,
+      student.hidden_size, student.layer_map, distill.layer_map, ...) and the teacher's
+      shape; `MissingPathError` (also a FileNotFoundError) for a teacher dir of
+      `distill` that holds no model_config.json and is not trained by this run.
+  """
+  for stage in config.stages:
+    section = STAGE_DIRS[stage]  # teacher / general / student: its config section too
+    tc = config[section].train
+    for field in ("batch_size", "eval_batch_size"):
+      try:
+        batching.check_batch_size(tc[field], sharding.batch_divisor(mesh))
+      except ValueError as e:
+        raise ConfigError(f"config.{section}.train.{field}={tc[field]} "
+                          f"(stage {stage}, mesh {dict(mesh.shape)}): {e}") from e
+  _, labels, _ = DATASETS[config.data.name]
+  pretrained = {}  # one config.json read, only when some check needs it
+
+  def model_shape():
+    if not pretrained:
+      pretrained["cfg"] = _pretrained_config(config.model, len(labels))
+    return pretrained["cfg"]
+
+  if "general_distill" in config.stages:
+    gc = config.general
+    name = gc.teacher or config.model
+    if (epath.Path(name) / "model_config.json").is_file():
+      teacher_cfg = _load_model_config(epath.Path(name))[0]
+    else:
+      teacher_cfg = _pretrained_config(name, 0, head=None)
+    student_cfg = student_config(teacher_cfg, config.student, init=gc.init)
+    layer_maps(config, teacher_cfg.num_layers, student_cfg.num_layers)
+
+  if "distill" not in config.stages:
+    return
+  from_general = config.student.init == "from_general"
+  if from_general and not config.distill.kd:
+    return  # no teacher: the general student's shape is checked when it is loaded
+  trained_here = workdir / STAGE_DIRS["finetune_teacher"]
+  for teacher_dir in teacher_checkpoints(config, workdir):
+    if (teacher_dir / "model_config.json").is_file():
+      teacher_cfg, _ = _load_model_config(teacher_dir)
+      if teacher_cfg.num_labels != len(labels):
+        raise ConfigError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
+                         f"{teacher_cfg.num_labels} but {config.data.name} has {len(labels)} "
+                         "classes")
+    elif teacher_dir == trained_here and "finetune_teacher" in config.stages:
+      teacher_cfg = model_shape()  # fine-tuning keeps the pretrained shape
+    else:
+      raise MissingPathError(
+          f"{teacher_dir / 'model_config.json'} does not exist: config.teacher.checkpoint "
+          f"must name finished finetune_teacher stage dirs (got "
+          f"{config.teacher.checkpoint!r}), or add finetune_teacher to config.stages")
+    if from_general:
+      layer_maps(config, teacher_cfg.num_layers, config.student.num_layers)
+    else:
+      student_cfg = student_config(teacher_cfg, config.student)
+      layer_maps(config, teacher_cfg.num_layers, student_cfg.num_layers)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike) -> dict[str, dict]:
   """Runs `config.stages` in order under `workdir`; returns {stage: test metrics}.
 
+  `workdir` and the config's path fields may be relative: they are resolved once here
+  against the current directory (`paths.resolve_config`, logged), and everything below
+  works on absolute `epath.Path`s (a `gs://` workdir is kept as it is).
+  Every config error that the pretrained model's or the teachers' config files can show
+  (`validate_config`, `check_before_training`) is raised before the first stage starts.
   A stage whose `FINISHED_FILES` entry exists (`test.json`; `heldout.json` for
   general_distill) is finished and not rerun, so the same command resumes a multi-stage
   job. Prints and writes `<workdir>/results.md` (classification stages; general_distill
   returns its held-out MLM metrics).
   """
   validate_config(config)
-  workdir = pathlib.Path(workdir)
+  config, workdir = paths.resolve_config(config, workdir)
   mesh = sharding.create_mesh_from_config(config.mesh)
+  check_before_training(config, workdir, mesh)
   results = {}
   for stage in config.stages:
     finished = workdir / STAGE_DIRS[stage] / FINISHED_FILES[stage]

@@ -67,7 +67,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import sys
@@ -76,8 +75,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from kd_jax import hf_io
+from kd_jax import hf_io, paths
 from kd_jax.data.text import read_text_file
 from kd_jax.data.tsm import TSM_LANGUAGES, load_tsm
 from kd_jax.models.encoder import EncoderConfig
@@ -144,8 +144,8 @@ def corpus_texts(text_files: Sequence[str | os.PathLike] = (),
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_json_path(tokenizer_dir: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(tokenizer_dir) / "tokenizer.json"
+def _tokenizer_json_path(tokenizer_dir: str | os.PathLike) -> epath.Path:
+  path = epath.Path(tokenizer_dir) / "tokenizer.json"
   if not path.is_file():
     have = (sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir()
             else "not a directory")
@@ -156,7 +156,7 @@ def _tokenizer_json_path(tokenizer_dir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
-def _read_tokenizer_json(tokenizer_dir) -> tuple[dict, pathlib.Path]:
+def _read_tokenizer_json(tokenizer_dir) -> tuple[dict, epath.Path]:
   path = _tokenizer_json_path(tokenizer_dir)
   try:
     tok_json = json.loads(path.read_text(encoding="utf-8"))
@@ -463,16 +463,16 @@ def reduce_tokenizer_json(tok_json: Mapping, kept_ids: Sequence[int]) -> dict:
 
 
 def write_mapping(out_dir: str | os.PathLike, kept_ids: Sequence[int],
-                  info: Mapping[str, Any] | None = None) -> pathlib.Path:
+                  info: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes `<out_dir>/vocab_mapping.json`: `info` plus "old_to_new" {old id: new id}."""
-  path = pathlib.Path(out_dir) / MAPPING_FILE
+  path = epath.Path(out_dir) / MAPPING_FILE
   mapping = dict(info or {}, old_to_new={str(int(o)): n for n, o in enumerate(kept_ids)})
   path.write_text(json.dumps(mapping, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   return path
 
 
 def write_reduced_tokenizer(tokenizer_dir: str | os.PathLike, kept_ids: Sequence[int],
-                            out_dir: str | os.PathLike) -> pathlib.Path:
+                            out_dir: str | os.PathLike) -> epath.Path:
   """Writes the reduced tokenizer of `tokenizer_dir` into the existing `out_dir`.
 
   Writes tokenizer.json (`reduce_tokenizer_json`), tokenizer_config.json (added-token
@@ -484,7 +484,7 @@ def write_reduced_tokenizer(tokenizer_dir: str | os.PathLike, kept_ids: Sequence
   Raises: as `reduce_tokenizer_json`; FileNotFoundError without tokenizer.json.
   """
   from tokenizers import Tokenizer
-  src, out = pathlib.Path(tokenizer_dir), pathlib.Path(out_dir)
+  src, out = epath.Path(tokenizer_dir), epath.Path(out_dir)
   tok_json, _ = _read_tokenizer_json(src)
   reduced = reduce_tokenizer_json(tok_json, kept_ids)
   old_to_new = {int(old): new for new, old in enumerate(kept_ids)}
@@ -615,7 +615,7 @@ def reduce_state_dict(state_dict: Mapping[str, np.ndarray], kept_ids: Sequence[i
 # --------------------------------------------------------------------------- directories
 
 
-def _check_same_tokens(pipes: _Pipelines, reduced_dir: pathlib.Path, texts: list[str],
+def _check_same_tokens(pipes: _Pipelines, reduced_dir: epath.Path, texts: list[str],
                        encoded: Mapping[str, list[list[int]]], old_to_new: np.ndarray) -> int:
   """Encodes the corpus with the reduced tokenizer (both pipelines) and compares with
   the full one's ids mapped to new ids; texts with dropped tokens are skipped.
@@ -636,13 +636,13 @@ def _check_same_tokens(pipes: _Pipelines, reduced_dir: pathlib.Path, texts: list
   return checked
 
 
-def _swap_into_place(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
+def _swap_into_place(tmp: epath.Path, out_dir: epath.Path, overwrite: bool) -> None:
   from kd_jax import export
   export._prepare_out_dir(out_dir, overwrite)  # again: someone may have written there
   old = None
   try:
     if out_dir.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      old = epath.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
       os.replace(out_dir, old / "d")
     os.replace(tmp, out_dir)
   except BaseException:
@@ -683,7 +683,7 @@ def reduce_model_dir(model: str | os.PathLike, out_dir: str | os.PathLike,
 
   from kd_jax import export
   model_dir = hf_io.resolve_model_dir(str(model))
-  out_dir = pathlib.Path(out_dir).expanduser().absolute()
+  out_dir = paths.resolve_local(out_dir, "out_dir")
   export._prepare_out_dir(out_dir, overwrite)
   texts = _check_texts(texts)
   pipes = _Pipelines(model_dir)
@@ -730,7 +730,7 @@ def reduce_model_dir(model: str | os.PathLike, out_dir: str | os.PathLike,
                                           "mapping": MAPPING_FILE}
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
     (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     save_file(reduced, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -794,14 +794,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                else [x.strip() for x in args.tsm.split(",") if x.strip()])
   if not args.text and not languages:
     parser.error("give a corpus: --text FILE and/or --tsm LANGUAGES")
-  texts = corpus_texts(args.text, languages, tsm_split=args.tsm_split, data_dir=args.data_dir)
-  corpus = {"text_files": [str(pathlib.Path(p).absolute()) for p in args.text]}
+  # Paths are resolved once here, against the current directory.
+  model = os.fspath(paths.resolve(args.model)) if paths.looks_like_path(args.model) else args.model
+  out = paths.resolve_local(args.out, "--out")
+  text_files = [paths.resolve(p) for p in args.text]
+  data_dir = args.data_dir or os.environ.get(paths.DATA_DIR_ENV)
+  data_dir = paths.resolve(data_dir) if data_dir else None
+  texts = corpus_texts(text_files, languages, tsm_split=args.tsm_split, data_dir=data_dir)
+  corpus = {"text_files": [os.fspath(p) for p in text_files]}
   if languages:
     corpus["tsm"] = {"languages": languages, "split": args.tsm_split,
-                     "data_dir": args.data_dir or os.environ.get("KD_JAX_DATA_DIR")}
-  summary = reduce_model_dir(args.model, args.out, texts, min_frequency=args.min_frequency,
+                     "data_dir": None if data_dir is None else os.fspath(data_dir)}
+  summary = reduce_model_dir(model, out, texts, min_frequency=args.min_frequency,
                              overwrite=args.overwrite, corpus=corpus)
-  print(_format_summary(summary, args.out))
+  print(_format_summary(summary, out))
   return summary
 
 

@@ -14,7 +14,7 @@ def data_dir() -> pathlib.Path | None:
   """$KD_JAX_DATA_DIR, else ../shared/data beside the project."""
   for candidate in (os.environ.get("KD_JAX_DATA_DIR"), ROOT.parent / "shared" / "data"):
     if candidate and pathlib.Path(candidate, "xlmt").is_dir():
-      return pathlib.Path(candidate)
+      return pathlib.Path(candidate).absolute()  # tests may change the current directory
   return None
 
 

@@ -129,8 +129,8 @@ def test_write_results(tmp_path):
     metrics = classification_metrics(LABELS, PREDS, LANG_IDS, LANGS, NUM_CLASSES, seen_languages=["en", "de"])
     workdir = tmp_path / "out"
     json_path, md_path = write_results(workdir, "student_kd", metrics, LANGS)
-    assert json_path == os.path.join(str(workdir), "student_kd.json")
-    assert md_path == os.path.join(str(workdir), "student_kd.md")
+    assert os.fspath(json_path) == os.path.join(str(workdir), "student_kd.json")
+    assert os.fspath(md_path) == os.path.join(str(workdir), "student_kd.md")
     with open(json_path) as f:
         text = f.read()
     loaded = json.loads(text)

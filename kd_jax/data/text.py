@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from kd_jax.data import batching, tsm
 from kd_jax.data.tsm import DataError, Example
@@ -30,13 +31,13 @@ from kd_jax.data.tsm import DataError, Example
 SIB200_HEADER = ("index_id", "category", "text")
 
 
-def _resolve_data_dir(data_dir: str | os.PathLike | None, what: str) -> pathlib.Path:
+def _resolve_data_dir(data_dir: str | os.PathLike | None, what: str) -> epath.Path:
   """``data_dir``, else ``$KD_JAX_DATA_DIR``; DataError naming both when neither exists."""
   chosen = data_dir or os.environ.get(tsm.DATA_DIR_ENV) or None
   if chosen is None:
     raise DataError(f"{what}: no data dir; set config.data.data_dir or {tsm.DATA_DIR_ENV} "
                     f"(e.g. {tsm.DATA_DIR_ENV}=../shared/data)")
-  path = pathlib.Path(chosen)
+  path = epath.Path(chosen)
   if not path.is_dir():
     raise DataError(f"{what}: data dir {str(path)!r} does not exist or is not a directory")
   return path
@@ -48,11 +49,11 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
   Raises:
     DataError: the file does not exist or is not UTF-8 (names the file).
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise DataError(f"text file {str(path)!r} not found")
   try:
-    content = path.read_text(encoding="utf-8")
+    content = path.read_bytes().decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"text file {str(path)!r} is not UTF-8: {e}") from e
   # Split on "\n" only (str.splitlines also splits on U+2028 inside a text).
@@ -83,8 +84,8 @@ def read_sib200_texts(language: str, split: str = "train",
     raise DataError(f"sib200 file {str(path)!r} not found (config.general.sib200_languages="
                     f"{language!r}); {len(available)} languages in {str(root)!r}, e.g. "
                     f"{available[:8]}")
-  with open(path, encoding="utf-8", newline="") as f:
-    rows = list(csv.reader(f, delimiter="\t"))
+  rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline=""),
+                         delimiter="\t"))
   if not rows or tuple(rows[0]) != SIB200_HEADER:
     raise DataError(f"{str(path)!r}: header {rows[0] if rows else None} is not "
                     f"{list(SIB200_HEADER)}")
@@ -110,7 +111,7 @@ def load_text_sources(*, text_files: Sequence[str] = (), tsm_languages: Sequence
   """
   sources: list[tuple[str, list[str]]] = []
   for path in text_files:
-    sources.append((f"file:{pathlib.Path(path).name}", read_text_file(path)))
+    sources.append((f"file:{epath.Path(path).name}", read_text_file(path)))
   if tsm_languages:
     examples = tsm.load_tsm("train", tuple(tsm_languages), data_dir=data_dir or None)
     for lang in tsm_languages:

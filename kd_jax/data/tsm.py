@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 DATA_DIR_ENV = "KD_JAX_DATA_DIR"
 HUB_NAME = "cardiffnlp/tweet_sentiment_multilingual"
@@ -89,7 +89,7 @@ def load_tsm(
     if data_dir is None:
         per_language = {lang: _load_hub(split, lang) for lang in languages}
     else:
-        root = _resolve_root(pathlib.Path(data_dir))
+        root = _resolve_root(epath.Path(data_dir))
         per_language = {lang: _load_local(root, split, lang) for lang in languages}
 
     for lang_index, lang in enumerate(languages):
@@ -104,7 +104,7 @@ def load_tsm(
     return examples
 
 
-def _resolve_root(data_dir: pathlib.Path) -> pathlib.Path:
+def _resolve_root(data_dir: epath.Path) -> epath.Path:
     """Returns the folder that directly contains the language folders."""
     if not data_dir.is_dir():
         raise DataError(
@@ -117,11 +117,10 @@ def _resolve_root(data_dir: pathlib.Path) -> pathlib.Path:
     return data_dir
 
 
-def _read_lines(path: pathlib.Path) -> list[str]:
+def _read_lines(path: epath.Path) -> list[str]:
     # Split on "\n" only: str.splitlines would also split on U+2028/U+0085,
     # which can occur inside tweets and would misalign texts and labels.
-    with open(path, encoding="utf-8", newline="") as f:
-        content = f.read()
+    content = path.read_bytes().decode("utf-8")  # bytes: keep "\r" and U+2028 as they are
     if content == "":
         return []
     lines = content.split("\n")
@@ -130,7 +129,7 @@ def _read_lines(path: pathlib.Path) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _load_local(root: pathlib.Path, split: str, language: str) -> list[Example]:
+def _load_local(root: epath.Path, split: str, language: str) -> list[Example]:
     lang_dir = root / language
     if not lang_dir.is_dir():
         available = sorted(p.name for p in root.iterdir() if p.is_dir())
