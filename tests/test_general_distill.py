@@ -3,6 +3,7 @@ the general_distill stage end to end (resume, then task fine-tuning from its wei
 and several teachers (mean of logits)."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -486,7 +487,7 @@ def test_config_validation_of_general_fields():
 
   from kd_jax import config_base, train
   spec = importlib.util.spec_from_file_location(
-      "general_distill", train.pathlib.Path(__file__).parents[1] / "configs" / "general_distill.py")
+      "general_distill", pathlib.Path(__file__).parents[1] / "configs" / "general_distill.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
