@@ -101,18 +101,18 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   if os.fspath(workdir) != os.fspath(resolved_workdir):
     logging.info("path --workdir=%s -> %s", os.fspath(workdir), resolved_workdir)
   config = config.copy_and_resolve_references()
+  from_env = {}
   with config.unlocked():
     if not config.data.data_dir and os.environ.get(DATA_DIR_ENV):
       config.data.data_dir = os.environ[DATA_DIR_ENV]
-      logging.info("path config.data.data_dir='' -> $%s=%s", DATA_DIR_ENV,
-                   config.data.data_dir)
+      from_env["data.data_dir"] = f"'' (${DATA_DIR_ENV}={config.data.data_dir})"
     fields = PATH_FIELDS + tuple(f for f in MODEL_FIELDS if looks_like_path(_get(config, f)))
     for field in fields:
       before = _get(config, field)
       after = _resolve_value(before)
-      if after != before:
+      if after != before or field in from_env:
         _set(config, field, after)
-        logging.info("path config.%s=%s -> %s", field, before, after)
+        logging.info("path config.%s=%s -> %s", field, from_env.get(field, before), after)
   return config, resolved_workdir
 
 

@@ -123,18 +123,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check(field, config[field], (False, True))
   if not isinstance(config.unpad_multiple, int) or config.unpad_multiple < 0:
     raise ConfigError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
-                     "(0: a sixteenth of a batch shard's positions)")
+                      "(0: a sixteenth of a batch shard's positions)")
   for axis in sharding.MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ConfigError(f"config.mesh.{axis}={size!r} must be an int >= 1 or -1 (the rest)")
   if sum(config.mesh[axis] == -1 for axis in sharding.MESH_AXES) > 1:
     raise ConfigError("config.mesh: only one of data, fsdp, tensor may be -1 (the rest), got "
-                     + ", ".join(f"{a}={config.mesh[a]}" for a in sharding.MESH_AXES))
+                      + ", ".join(f"{a}={config.mesh[a]}" for a in sharding.MESH_AXES))
   for term in config.distill.weights:
     check("distill.weights", term, losses.DISTILL_TERMS)
     if float(config.distill.weights[term]) < 0:
-      raise ConfigError(f"config.distill.weights.{term}={config.distill.weights[term]} is negative")
+      raise ConfigError(f"config.distill.weights.{term}={config.distill.weights[term]} "
+                        "is negative")
   check("student.layer_map_strategy", config.student.layer_map_strategy,
         student_init.INIT_LAYER_MAP_STRATEGIES)
   check("distill.layer_map_strategy", config.distill.layer_map_strategy,
@@ -154,7 +155,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for term in losses.MLM_TERMS:
     if float(config.distill.weights.get(term, 0.0)) > 0:
       raise ConfigError(f"config.distill.weights.{term}: MLM terms need masked text; they "
-                       "belong in config.general.weights (stage general_distill)")
+                        "belong in config.general.weights (stage general_distill)")
   teacher_dirs = _split_checkpoints(config.teacher.checkpoint)
   if len(teacher_dirs) > 1 and config.distill.kd and "distill" in config.stages:
     # The target of several teachers is the mean of their logits; their hidden states,
@@ -187,7 +188,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       check("general.tsm_languages", lang, tsm.TSM_LANGUAGES)
     if not (gc.text_files or gc.tsm_languages or gc.sib200_languages):
       raise ConfigError("config.general: no text; set text_files, tsm_languages or "
-                       "sib200_languages")
+                        "sib200_languages")
 
 
 def _check_buckets(section: str, fields: ml_collections.ConfigDict) -> None:
@@ -465,7 +466,7 @@ def student_config(teacher: EncoderConfig, sc: ml_collections.ConfigDict,
   hidden = sc.hidden_size or teacher.hidden_size
   if hidden > teacher.hidden_size and (init or sc.init) != "from_scratch":
     raise ConfigError(f"config.student.hidden_size={hidden} is wider than the teacher's "
-                     f"{teacher.hidden_size}; weight copying needs hidden_size <= teacher's")
+                      f"{teacher.hidden_size}; weight copying needs hidden_size <= teacher's")
   ratio = hidden / teacher.hidden_size
   heads = max(1, round(teacher.num_heads * ratio))
   if hidden % heads:
@@ -488,6 +489,17 @@ def _write_json_atomic(path: epath.Path, obj) -> None:
 def _save_model_config(stage_dir: epath.Path, cfg: EncoderConfig, extra: Mapping) -> None:
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
   _write_json_atomic(stage_dir / "model_config.json", {"encoder": fields, **extra})
+
+
+def _teacher_config(teacher_dir: epath.Path, task: str, num_classes: int) -> EncoderConfig:
+  """A finished teacher stage's EncoderConfig (model_config.json); ConfigError when its
+  head has another number of classes than the task `task`."""
+  teacher_cfg, _ = _load_model_config(teacher_dir)
+  if teacher_cfg.num_labels != num_classes:
+    raise ConfigError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
+                      f"{teacher_cfg.num_labels} but {task} has {num_classes} classes "
+                      "(config.teacher.checkpoint)")
+  return teacher_cfg
 
 
 def _load_model_config(stage_dir: epath.Path) -> tuple[EncoderConfig, dict]:
@@ -629,11 +641,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: epath.Path
     teachers = []  # (EncoderConfig, host params) per teacher stage dir
     if config.distill.kd or not from_general:  # a from_general NON-KD run needs no teacher
       for teacher_dir in teacher_checkpoints(config, workdir):
-        teacher_cfg, _ = _load_model_config(teacher_dir)
-        if teacher_cfg.num_labels != num_classes:
-          raise ValueError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
-                           f"{teacher_cfg.num_labels} but {config.data.name} has {num_classes} "
-                           "classes")
+        teacher_cfg = _teacher_config(teacher_dir, config.data.name, num_classes)
         teachers.append((teacher_cfg, restore_best_params(teacher_dir, teacher_cfg,
                                                           as_numpy=True)))
     teacher_cfg, teacher_params = teachers[0] if teachers else (None, None)
@@ -1212,11 +1220,7 @@ def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path
   trained_here = workdir / STAGE_DIRS["finetune_teacher"]
   for teacher_dir in teacher_checkpoints(config, workdir):
     if (teacher_dir / "model_config.json").is_file():
-      teacher_cfg, _ = _load_model_config(teacher_dir)
-      if teacher_cfg.num_labels != len(labels):
-        raise ConfigError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
-                         f"{teacher_cfg.num_labels} but {config.data.name} has {len(labels)} "
-                         "classes")
+      teacher_cfg = _teacher_config(teacher_dir, config.data.name, len(labels))
     elif teacher_dir == trained_here and "finetune_teacher" in config.stages:
       teacher_cfg = model_shape()  # fine-tuning keeps the pretrained shape
     else:

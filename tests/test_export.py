@@ -223,6 +223,29 @@ def test_export_stage_after_tiny_training(tiny_model_dir, real_data_dir, tmp_pat
                             jnp.asarray(enc["attention_mask"])).logits
   np.testing.assert_allclose(_torch_logits(out, enc), np.asarray(ours), atol=1e-4, rtol=0)
 
+  # A checkpoint that does not fit model_config.json is reported as such, leaf by leaf
+  # (checked on the saved metadata before restoring) ...
+  info_path = workdir / "student" / "model_config.json"
+  saved = info_path.read_text()
+  info = json.loads(saved)
+  info["encoder"]["intermediate_size"] = 48
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(hf_io.CheckpointMismatchError,
+                     match=r"student/checkpoints/best/\d+: checkpoint does not match the model "
+                           r"config .*student/model_config.json: .*intermediate.*saved shape "
+                           r"\(16, 32\), expected \(16, 48\)"):
+    export.export_stage(workdir / "student", tmp_path / "mismatch")
+  info_path.write_text(saved)
+  # ... and any other failure says what it is, not that the config is wrong.
+  best = workdir / "student" / "checkpoints" / "best"
+  for f in best.glob("*/default/ocdbt.process_*/d/*"):
+    f.unlink()
+  with pytest.raises(Exception) as failure:
+    export.export_stage(workdir / "student", tmp_path / "broken")
+  assert not isinstance(failure.value, hf_io.CheckpointMismatchError), failure.value
+  assert "does not match the model config" not in str(failure.value)
+  assert not (tmp_path / "broken").exists()
+
 
 def test_find_stage_dir(tmp_path):
   (tmp_path / "student").mkdir()

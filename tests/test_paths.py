@@ -198,7 +198,7 @@ def test_gs_workdir_through_mocked_epath(newcomer_dir, tmp_path_factory, monkeyp
       exists=mapped, isdir=mapped, listdir=mapped, makedirs=mapped, mkdir=mapped, open=mapped,
       remove=mapped, rmtree=mapped, stat=mapped, walk=mapped, glob=glob, copy=mapped2,
       rename=mapped2, replace=mapped2):
-    results = train.train_and_evaluate(config, "gs://bucket/run")
+    results = train.train_and_evaluate(config, epath.Path("gs://bucket/run"))
     assert epath.Path("gs://bucket/run/results.md").exists()
   assert results["finetune_teacher"]["overall"]["num_examples"] == 2 * 44
   for name in ("results.md", "teacher/test.json", "teacher/val.md", "teacher/model_config.json"):

@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-DATA_DIR_ENV = "KD_JAX_DATA_DIR"
+from kd_jax.paths import DATA_DIR_ENV  # the one name of the variable
+
 HUB_NAME = "cardiffnlp/tweet_sentiment_multilingual"
 
 TSM_LANGUAGES = (
