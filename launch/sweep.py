@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
+import os
 import sys
 from collections.abc import Mapping
+
+from etils import epath  # kd_jax's one path type: local dirs and gs:// alike
 
 import common
 
@@ -31,10 +33,10 @@ def load_sweep(path: str) -> dict[str, dict]:
     ValueError: no such file, no get_sweep(), or a run without overrides / with a name
       that is not a plain directory name.
   """
-  p = pathlib.Path(path)
+  p = epath.Path(path)
   if not p.is_file():
     raise ValueError(f"--sweep {path}: no such file")
-  spec = importlib.util.spec_from_file_location("_kd_jax_sweep", p)
+  spec = importlib.util.spec_from_file_location("_kd_jax_sweep", os.fspath(p))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
@@ -53,7 +55,7 @@ def override_flags(overrides: Mapping[str, object]) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def result_file(run_dir: pathlib.Path, split: str = "test") -> pathlib.Path | None:
+def result_file(run_dir: epath.Path, split: str = "test") -> epath.Path | None:
   for stage in STAGE_DIRS:
     f = run_dir / stage / f"{split}.json"
     if f.is_file():
@@ -66,7 +68,7 @@ def sweep_commands(runs: Mapping[str, Mapping], config: str, workdir: str,
   """One kd_jax.main command per run still without results, in sweep order."""
   out = []
   for name, overrides in runs.items():
-    run_dir = pathlib.Path(workdir) / name
+    run_dir = epath.Path(workdir) / name
     if result_file(run_dir) is None:
       argv = common.main_argv(config, str(run_dir), [*common_overrides, *override_flags(overrides)],
                               python=python)
@@ -80,7 +82,7 @@ def sweep_table(runs: Mapping[str, Mapping], workdir: str) -> str:
 
   test, val_avg, missing, languages = {}, {}, [], []
   for name in runs:
-    f = result_file(pathlib.Path(workdir) / name)
+    f = result_file(epath.Path(workdir) / name)
     if f is None:
       missing.append(name)
       continue
@@ -88,7 +90,7 @@ def sweep_table(runs: Mapping[str, Mapping], workdir: str) -> str:
     for lang in test[name].get("per_language", {}):
       if lang not in languages:
         languages.append(lang)
-    v = result_file(pathlib.Path(workdir) / name, "val")
+    v = result_file(epath.Path(workdir) / name, "val")
     val_avg[name] = json.loads(v.read_text()).get("avg_macro_f1") if v else None
   table = format_markdown_table(test, languages)
   lines = table.rstrip("\n").split("\n")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
   if args.dry_run or rc:
     return rc
   table = sweep_table(runs, args.workdir)
-  pathlib.Path(args.workdir, "sweep.md").write_text(table)
+  (epath.Path(args.workdir) / "sweep.md").write_text(table)
   sys.stdout.write(table)
   return 0
 
