@@ -322,6 +322,8 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   """
   from kd_jax import train  # heavy imports (orbax, clu) only when needed
   stage_dir = paths.resolve(stage_dir)
+  out_dir = paths.resolve_local(out_dir, "out_dir")
+  _prepare_out_dir(out_dir, overwrite)  # refused before the checkpoint is read
   config, info = train._load_model_config(stage_dir)
   params = train.restore_best_params(stage_dir, config)
   if tokenizer_dir is None and info.get("base_model"):
