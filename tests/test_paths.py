@@ -275,3 +275,21 @@ def test_main_default_config_errors_in_seconds(tmp_path):
     assert last.startswith(expected), last
     assert elapsed < 60, elapsed
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_unknown_field_message():
+  """ml_collections' own errors for a misspelt field and a misspelt section, as one line."""
+  from kd_jax.main import unknown_field_message
+  config = config_base.base_config()
+  with pytest.raises(AttributeError) as field_error:
+    config.student.nmu_layers  # noqa: B018
+  with pytest.raises(KeyError) as section_error:
+    config["studnt"]  # noqa: B018
+  argv = ["kd_jax.main", "--config", "c.py", "--config.student.nmu_layers=3"]
+  assert unknown_field_message(argv, field_error.value) == (
+      "error: config.student.nmu_layers is not a field of config.student; did you mean "
+      "config.student.num_layers? (all fields and their defaults: kd_jax/config_base.py)")
+  assert unknown_field_message(["--config.studnt.num_layers=3"], section_error.value) == (
+      "error: config.studnt is not a field of config; did you mean config.student? (all "
+      "fields and their defaults: kd_jax/config_base.py)")
+  assert unknown_field_message(["--config.seed=1"], field_error.value) is None
