@@ -563,11 +563,11 @@ def restore_best_params(stage_dir: epath.Path, cfg: EncoderConfig, *,
   ckpt_dir = stage_dir / "checkpoints" / "best"
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"{ckpt_dir}: no best checkpoint (did the stage finish an eval?)")
-  mngr = _best_params_manager(stage_dir, create=False)
-  step = mngr.best_step()
-  if step is None:
-    raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
-  return _restore_params(mngr, step, ckpt_dir, stage_dir, cfg, as_numpy=as_numpy)
+  with _best_params_manager(stage_dir, create=False) as mngr:  # closed even on an error
+    step = mngr.best_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+    return _restore_params(mngr, step, ckpt_dir, stage_dir, cfg, as_numpy=as_numpy)
 
 
 @dataclasses.dataclass
@@ -873,11 +873,11 @@ def restore_stage_params(stage_dir: epath.Path, cfg: EncoderConfig) -> dict:
   final_dir = stage_dir / "checkpoints" / "final"
   if not final_dir.is_dir():
     return restore_best_params(stage_dir, cfg, as_numpy=True)
-  mngr = _final_params_manager(stage_dir, create=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{final_dir}: no complete checkpoint (did the stage finish?)")
-  return _restore_params(mngr, step, final_dir, stage_dir, cfg, as_numpy=True)
+  with _final_params_manager(stage_dir, create=False) as mngr:  # closed even on an error
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{final_dir}: no complete checkpoint (did the stage finish?)")
+    return _restore_params(mngr, step, final_dir, stage_dir, cfg, as_numpy=True)
 
 
 def load_general_teacher(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, dict, str]:
