@@ -612,8 +612,6 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: epath.Path
   stage_dir = workdir / STAGE_DIRS[stage]
   is_teacher = stage == "finetune_teacher"
   tc = config.teacher.train if is_teacher else config.student.train
-  batching.check_batch_size(tc.batch_size, sharding.batch_divisor(mesh))
-  batching.check_batch_size(tc.eval_batch_size, sharding.batch_divisor(mesh))
   compute_dtype = PRECISIONS[config.precision]
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng, proj_rng, dropout_rng = jax.random.split(rng, 4)
@@ -1012,8 +1010,6 @@ def run_general_stage(stage: str, config: ml_collections.ConfigDict, workdir: ep
   preemption = preemption or PreemptionGuard()
   gc, tc = config.general, config.general.train
   stage_dir = workdir / STAGE_DIRS[stage]
-  batching.check_batch_size(tc.batch_size, sharding.batch_divisor(mesh))
-  batching.check_batch_size(tc.eval_batch_size, sharding.batch_divisor(mesh))
   compute_dtype = PRECISIONS[config.precision]
   init_rng, proj_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
@@ -1170,7 +1166,8 @@ def _pretrained_config(name: str, num_labels: int, head: str = "sequence") -> En
 def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path,
                           mesh) -> None:
   """Checks, before any stage trains, what the stages would otherwise find only when they
-  start: each stage's batch sizes against `mesh`, the student's depth, width and layer
+  start (and the stages do not check again): each stage's batch sizes against `mesh`, the
+  student's depth, width and layer
   maps against each teacher's shape, and the teacher dirs of `distill`. Reads
   config.json / model_config.json only, no weights.
 
@@ -1195,12 +1192,6 @@ def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path
         raise ConfigError(f"config.{section}.train.{field}={tc[field]} "
                           f"(stage {stage}, mesh {dict(mesh.shape)}): {e}") from e
   _, labels, _ = DATASETS[config.data.name]
-  pretrained = {}  # one config.json read, only when some check needs it
-
-  def model_shape():
-    if not pretrained:
-      pretrained["cfg"] = _pretrained_config(config.model, len(labels))
-    return pretrained["cfg"]
 
   if "general_distill" in config.stages:
     gc = config.general
@@ -1222,7 +1213,7 @@ def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path
     if (teacher_dir / "model_config.json").is_file():
       teacher_cfg = _teacher_config(teacher_dir, config.data.name, len(labels))
     elif teacher_dir == trained_here and "finetune_teacher" in config.stages:
-      teacher_cfg = model_shape()  # fine-tuning keeps the pretrained shape
+      teacher_cfg = _pretrained_config(config.model, len(labels))  # fine-tuning keeps it
     else:
       raise MissingPathError(
           f"{teacher_dir / 'model_config.json'} does not exist: config.teacher.checkpoint "
