@@ -1166,10 +1166,9 @@ def _pretrained_config(name: str, num_labels: int, head: str = "sequence") -> En
 def check_before_training(config: ml_collections.ConfigDict, workdir: epath.Path,
                           mesh) -> None:
   """Checks, before any stage trains, what the stages would otherwise find only when they
-  start (and the stages do not check again): each stage's batch sizes against `mesh`, the
-  student's depth, width and layer
-  maps against each teacher's shape, and the teacher dirs of `distill`. Reads
-  config.json / model_config.json only, no weights.
+  start: each stage's batch sizes against `mesh` (checked only here), the student's
+  depth, width and layer maps against each teacher's shape, and the teacher dirs of
+  `distill`. Reads config.json / model_config.json only, no weights.
 
   The teacher of `distill` is each stage dir of `teacher_checkpoints` (its
   model_config.json), or, for `<workdir>/teacher` trained in this run, `config.model`'s
