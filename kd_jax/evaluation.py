@@ -29,29 +29,29 @@ __all__ = ["classification_metrics", "format_markdown_table", "write_results"]
 
 
 def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Macro-F1 and accuracy in percent for one group of examples.
+  """Macro-F1 and accuracy in percent for one group of examples.
 
-    Macro-F1 averages over all ``num_classes`` classes; with
-    ``zero_division=0`` a class absent from both labels and predictions of
-    the group counts as F1 = 0.
-    """
-    f1 = f1_score(
-        labels,
-        predictions,
-        average="macro",
-        labels=list(range(num_classes)),
-        zero_division=0,
-    )
-    acc = float(np.mean(labels == predictions)) if len(labels) else 0.0
-    return {
-        "macro_f1": 100.0 * float(f1),
-        "accuracy": 100.0 * acc,
-        "num_examples": int(len(labels)),
-    }
+  Macro-F1 averages over all ``num_classes`` classes; with
+  ``zero_division=0`` a class absent from both labels and predictions of
+  the group counts as F1 = 0.
+  """
+  f1 = f1_score(
+      labels,
+      predictions,
+      average="macro",
+      labels=list(range(num_classes)),
+      zero_division=0,
+  )
+  acc = float(np.mean(labels == predictions)) if len(labels) else 0.0
+  return {
+      "macro_f1": 100.0 * float(f1),
+      "accuracy": 100.0 * acc,
+      "num_examples": int(len(labels)),
+  }
 
 
 def _mean_or_none(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+  return float(np.mean(values)) if values else None
 
 
 def classification_metrics(
@@ -62,139 +62,139 @@ def classification_metrics(
     num_classes: int,
     seen_languages: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Macro-F1 / accuracy overall and per language (all values in percent).
+  """Macro-F1 / accuracy overall and per language (all values in percent).
 
-    Args:
-      labels: int array [N], gold class ids in ``0..num_classes-1``.
-      predictions: int array [N], predicted class ids.
-      language_ids: int array [N], index into ``language_names``.
-      language_names: name of each language id.
-      num_classes: number of classes; macro-F1 averages over
-        ``range(num_classes)`` (sklearn ``f1_score(average='macro',
-        labels=range(num_classes), zero_division=0)``).
-      seen_languages: optional names of languages seen in training; adds
-        ``seen_avg_macro_f1`` / ``unseen_avg_macro_f1`` (None for an empty
-        group).
+  Args:
+    labels: int array [N], gold class ids in ``0..num_classes-1``.
+    predictions: int array [N], predicted class ids.
+    language_ids: int array [N], index into ``language_names``.
+    language_names: name of each language id.
+    num_classes: number of classes; macro-F1 averages over
+      ``range(num_classes)`` (sklearn ``f1_score(average='macro',
+      labels=range(num_classes), zero_division=0)``).
+    seen_languages: optional names of languages seen in training; adds
+      ``seen_avg_macro_f1`` / ``unseen_avg_macro_f1`` (None for an empty
+      group).
 
-    Returns:
-      ``{"overall": {"macro_f1", "accuracy", "num_examples"},
-      "per_language": {lang: {...same keys...}},
-      "avg_macro_f1": mean per-language macro-F1 (the paper's average),
-      ["seen_avg_macro_f1", "unseen_avg_macro_f1"]}``. Only languages with
-      at least one example appear in ``per_language`` and the averages
-      (in ``language_names`` order).
+  Returns:
+    ``{"overall": {"macro_f1", "accuracy", "num_examples"},
+    "per_language": {lang: {...same keys...}},
+    "avg_macro_f1": mean per-language macro-F1 (the paper's average),
+    ["seen_avg_macro_f1", "unseen_avg_macro_f1"]}``. Only languages with
+    at least one example appear in ``per_language`` and the averages
+    (in ``language_names`` order).
 
-    Raises:
-      ValueError: arrays of different lengths (the message names them),
-        non-1-D arrays, language ids outside ``language_names``, or labels /
-        predictions outside ``0..num_classes-1``, or unknown names in
-        ``seen_languages``.
-    """
-    labels = np.asarray(labels)
-    predictions = np.asarray(predictions)
-    language_ids = np.asarray(language_ids)
-    names = list(language_names)
-    lengths = {
-        "labels": labels.shape,
-        "predictions": predictions.shape,
-        "language_ids": language_ids.shape,
-    }
-    if any(len(s) != 1 for s in lengths.values()):
-        raise ValueError(f"labels, predictions and language_ids must be 1-D, got shapes {lengths}")
-    if not (len(labels) == len(predictions) == len(language_ids)):
-        raise ValueError(
-            "length mismatch: "
-            f"len(labels)={len(labels)}, len(predictions)={len(predictions)}, "
-            f"len(language_ids)={len(language_ids)}"
-        )
-    if len(labels) == 0:
-        raise ValueError("no examples to evaluate (N = 0)")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    for what, arr, hi in (
-        ("labels", labels, num_classes),
-        ("predictions", predictions, num_classes),
-        ("language_ids", language_ids, len(names)),
-    ):
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
-        if arr.min() < 0 or arr.max() >= hi:
-            raise ValueError(
-                f"{what} out of range: values in [{arr.min()}, {arr.max()}], expected 0..{hi - 1}"
-            )
+  Raises:
+    ValueError: arrays of different lengths (the message names them),
+      non-1-D arrays, language ids outside ``language_names``, or labels /
+      predictions outside ``0..num_classes-1``, or unknown names in
+      ``seen_languages``.
+  """
+  labels = np.asarray(labels)
+  predictions = np.asarray(predictions)
+  language_ids = np.asarray(language_ids)
+  names = list(language_names)
+  lengths = {
+      "labels": labels.shape,
+      "predictions": predictions.shape,
+      "language_ids": language_ids.shape,
+  }
+  if any(len(s) != 1 for s in lengths.values()):
+    raise ValueError(f"labels, predictions and language_ids must be 1-D, got shapes {lengths}")
+  if not (len(labels) == len(predictions) == len(language_ids)):
+    raise ValueError(
+        "length mismatch: "
+        f"len(labels)={len(labels)}, len(predictions)={len(predictions)}, "
+        f"len(language_ids)={len(language_ids)}"
+    )
+  if len(labels) == 0:
+    raise ValueError("no examples to evaluate (N = 0)")
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  for what, arr, hi in (
+      ("labels", labels, num_classes),
+      ("predictions", predictions, num_classes),
+      ("language_ids", language_ids, len(names)),
+  ):
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= hi:
+      raise ValueError(
+          f"{what} out of range: values in [{arr.min()}, {arr.max()}], expected 0..{hi - 1}"
+      )
 
-    result: dict[str, Any] = {
-        "overall": _scores(labels, predictions, num_classes),
-        "per_language": {},
-    }
-    for lang_id, name in enumerate(names):
-        mask = language_ids == lang_id
-        if mask.any():
-            result["per_language"][name] = _scores(labels[mask], predictions[mask], num_classes)
+  result: dict[str, Any] = {
+      "overall": _scores(labels, predictions, num_classes),
+      "per_language": {},
+  }
+  for lang_id, name in enumerate(names):
+    mask = language_ids == lang_id
+    if mask.any():
+      result["per_language"][name] = _scores(labels[mask], predictions[mask], num_classes)
 
-    per_lang_f1 = {k: v["macro_f1"] for k, v in result["per_language"].items()}
-    result["avg_macro_f1"] = _mean_or_none(list(per_lang_f1.values()))
+  per_lang_f1 = {k: v["macro_f1"] for k, v in result["per_language"].items()}
+  result["avg_macro_f1"] = _mean_or_none(list(per_lang_f1.values()))
 
-    if seen_languages is not None:
-        seen = set(seen_languages)
-        unknown = sorted(seen - set(names))
-        if unknown:
-            raise ValueError(f"seen_languages not in language_names: {unknown}")
-        result["seen_avg_macro_f1"] = _mean_or_none([f for k, f in per_lang_f1.items() if k in seen])
-        result["unseen_avg_macro_f1"] = _mean_or_none(
-            [f for k, f in per_lang_f1.items() if k not in seen]
-        )
-    return result
+  if seen_languages is not None:
+    seen = set(seen_languages)
+    unknown = sorted(seen - set(names))
+    if unknown:
+      raise ValueError(f"seen_languages not in language_names: {unknown}")
+    result["seen_avg_macro_f1"] = _mean_or_none([f for k, f in per_lang_f1.items() if k in seen])
+    result["unseen_avg_macro_f1"] = _mean_or_none(
+        [f for k, f in per_lang_f1.items() if k not in seen]
+    )
+  return result
 
 
 def _fmt(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.2f}"
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "-"
+  return f"{x:.2f}"
 
 
 def format_markdown_table(results_by_run: Mapping[str, dict], language_names: Sequence[str]) -> str:
-    """Markdown table of macro-F1 (2 decimals): one row per run.
+  """Markdown table of macro-F1 (2 decimals): one row per run.
 
-    Columns: ``run``, one per language (in ``language_names`` order),
-    ``avg`` (mean per-language macro-F1) and ``overall`` (pooled macro-F1).
-    A language missing from a run's results is shown as ``-``.
+  Columns: ``run``, one per language (in ``language_names`` order),
+  ``avg`` (mean per-language macro-F1) and ``overall`` (pooled macro-F1).
+  A language missing from a run's results is shown as ``-``.
 
-    Example::
+  Example::
 
-        | run | en | de | avg | overall |
-        |---|---:|---:|---:|---:|
-        | teacher | 90.00 | 80.00 | 85.00 | 84.50 |
-    """
-    names = list(language_names)
-    header = ["run", *names, "avg", "overall"]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|---|" + "---:|" * (len(header) - 1),
-    ]
-    for run, metrics in results_by_run.items():
-        per_lang = metrics.get("per_language", {})
-        cells = [str(run).replace("|", "\\|")]
-        cells += [_fmt(per_lang.get(n, {}).get("macro_f1")) for n in names]
-        cells.append(_fmt(metrics.get("avg_macro_f1")))
-        cells.append(_fmt(metrics.get("overall", {}).get("macro_f1")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+      | run | en | de | avg | overall |
+      |---|---:|---:|---:|---:|
+      | teacher | 90.00 | 80.00 | 85.00 | 84.50 |
+  """
+  names = list(language_names)
+  header = ["run", *names, "avg", "overall"]
+  lines = [
+      "| " + " | ".join(header) + " |",
+      "|---|" + "---:|" * (len(header) - 1),
+  ]
+  for run, metrics in results_by_run.items():
+    per_lang = metrics.get("per_language", {})
+    cells = [str(run).replace("|", "\\|")]
+    cells += [_fmt(per_lang.get(n, {}).get("macro_f1")) for n in names]
+    cells.append(_fmt(metrics.get("avg_macro_f1")))
+    cells.append(_fmt(metrics.get("overall", {}).get("macro_f1")))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def _to_jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _to_jsonable(x.tolist())
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return None if math.isnan(x) or math.isinf(x) else x
-    return x
+  if isinstance(x, Mapping):
+    return {str(k): _to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _to_jsonable(x.tolist())
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, (np.floating, float)):
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+  return x
 
 
 def write_results(
@@ -203,35 +203,35 @@ def write_results(
     metrics: dict,
     language_names: Sequence[str],
 ) -> tuple[epath.Path, epath.Path]:
-    """Write ``<workdir>/<name>.json`` (indent 2) and ``<workdir>/<name>.md``.
+  """Write ``<workdir>/<name>.json`` (indent 2) and ``<workdir>/<name>.md``.
 
-    ``metrics`` is a :func:`classification_metrics` result; the Markdown
-    file holds its one-row table (run name = ``name``), plus seen/unseen
-    averages when present. Each file is written to a temp file in
-    ``workdir`` and renamed into place (``paths.write_text_atomic``). NaN /
-    numpy scalars are converted to JSON-safe values. ``workdir`` is created
-    if needed.
+  ``metrics`` is a :func:`classification_metrics` result; the Markdown
+  file holds its one-row table (run name = ``name``), plus seen/unseen
+  averages when present. Each file is written to a temp file in
+  ``workdir`` and renamed into place (``paths.write_text_atomic``). NaN /
+  numpy scalars are converted to JSON-safe values. ``workdir`` is created
+  if needed.
 
-    Returns:
-      ``(json_path, md_path)``.
-    """
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = workdir / f"{name}.json", workdir / f"{name}.md"
+  Returns:
+    ``(json_path, md_path)``.
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  json_path, md_path = workdir / f"{name}.json", workdir / f"{name}.md"
 
-    paths.write_text_atomic(json_path, json.dumps(_to_jsonable(metrics), indent=2) + "\n")
+  paths.write_text_atomic(json_path, json.dumps(_to_jsonable(metrics), indent=2) + "\n")
 
-    md = [f"# {name}", "", "Macro-F1 (%)", "", format_markdown_table({name: metrics}, language_names)]
-    if "seen_avg_macro_f1" in metrics:
-        md += [
-            f"- seen languages avg macro-F1: {_fmt(metrics.get('seen_avg_macro_f1'))}",
-            f"- unseen languages avg macro-F1: {_fmt(metrics.get('unseen_avg_macro_f1'))}",
-        ]
-    overall = metrics.get("overall", {})
-    if "accuracy" in overall:
-        md.append(
-            f"- overall accuracy: {_fmt(overall.get('accuracy'))} "
-            f"({overall.get('num_examples', '?')} examples)"
-        )
-    paths.write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
-    return json_path, md_path
+  md = [f"# {name}", "", "Macro-F1 (%)", "", format_markdown_table({name: metrics}, language_names)]
+  if "seen_avg_macro_f1" in metrics:
+    md += [
+        f"- seen languages avg macro-F1: {_fmt(metrics.get('seen_avg_macro_f1'))}",
+        f"- unseen languages avg macro-F1: {_fmt(metrics.get('unseen_avg_macro_f1'))}",
+    ]
+  overall = metrics.get("overall", {})
+  if "accuracy" in overall:
+    md.append(
+        f"- overall accuracy: {_fmt(overall.get('accuracy'))} "
+        f"({overall.get('num_examples', '?')} examples)"
+    )
+  paths.write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
+  return json_path, md_path

@@ -40,14 +40,14 @@ _HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
 class DataError(ValueError):
-    """Data is missing or malformed; the message names the offending path."""
+  """Data is missing or malformed; the message names the offending path."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    text: str
-    label: int
-    language: str
+  text: str
+  label: int
+  language: str
 
 
 def load_tsm(
@@ -57,148 +57,148 @@ def load_tsm(
     fraction: float = 1.0,
     seed: int = 0,
 ) -> list[Example]:
-    """Loads one split of tsm for the given languages.
+  """Loads one split of tsm for the given languages.
 
-    Args:
-      split: one of "train", "val", "test".
-      languages: language folder names (see ``TSM_LANGUAGES``).
-      data_dir: folder containing ``xlmt/``, the ``xlmt`` folder itself, or a
-        folder directly containing language folders. If None, the env var
-        ``KD_JAX_DATA_DIR`` is used; if that is unset too, the hub copy is
-        loaded with ``datasets.load_dataset``.
-      fraction: in (0, 1]; keeps a seeded random subset of
-        ``max(1, round(fraction * n))`` examples per language (file order is
-        kept within the subset).
-      seed: seed for the subset.
+  Args:
+    split: one of "train", "val", "test".
+    languages: language folder names (see ``TSM_LANGUAGES``).
+    data_dir: folder containing ``xlmt/``, the ``xlmt`` folder itself, or a
+      folder directly containing language folders. If None, the env var
+      ``KD_JAX_DATA_DIR`` is used; if that is unset too, the hub copy is
+      loaded with ``datasets.load_dataset``.
+    fraction: in (0, 1]; keeps a seeded random subset of
+      ``max(1, round(fraction * n))`` examples per language (file order is
+      kept within the subset).
+    seed: seed for the subset.
 
-    Returns:
-      Examples ordered by language (in ``languages`` order), then file order.
+  Returns:
+    Examples ordered by language (in ``languages`` order), then file order.
 
-    Raises:
-      DataError: unknown split, fraction out of range, missing data dir or
-        language folder, text/label files of different lengths, bad label.
-    """
-    if split not in TSM_SPLITS:
-        raise DataError(f"unknown tsm split {split!r}; expected one of {TSM_SPLITS}")
-    if not (0.0 < fraction <= 1.0):
-        raise DataError(f"fraction must be in (0, 1], got {fraction!r}")
-    languages = tuple(languages)
-    if data_dir is None:
-        data_dir = os.environ.get(DATA_DIR_ENV) or None
+  Raises:
+    DataError: unknown split, fraction out of range, missing data dir or
+      language folder, text/label files of different lengths, bad label.
+  """
+  if split not in TSM_SPLITS:
+    raise DataError(f"unknown tsm split {split!r}; expected one of {TSM_SPLITS}")
+  if not (0.0 < fraction <= 1.0):
+    raise DataError(f"fraction must be in (0, 1], got {fraction!r}")
+  languages = tuple(languages)
+  if data_dir is None:
+    data_dir = os.environ.get(DATA_DIR_ENV) or None
 
-    examples: list[Example] = []
-    if data_dir is None:
-        per_language = {lang: _load_hub(split, lang) for lang in languages}
-    else:
-        root = _resolve_root(epath.Path(data_dir))
-        per_language = {lang: _load_local(root, split, lang) for lang in languages}
+  examples: list[Example] = []
+  if data_dir is None:
+    per_language = {lang: _load_hub(split, lang) for lang in languages}
+  else:
+    root = _resolve_root(epath.Path(data_dir))
+    per_language = {lang: _load_local(root, split, lang) for lang in languages}
 
-    for lang_index, lang in enumerate(languages):
-        rows = per_language[lang]
-        if fraction < 1.0 and rows:
-            n_keep = max(1, int(round(fraction * len(rows))))
-            # Seed mixes in the language index so languages get independent subsets.
-            rng = np.random.default_rng((seed, lang_index))
-            keep = np.sort(rng.choice(len(rows), size=n_keep, replace=False))
-            rows = [rows[i] for i in keep]
-        examples.extend(rows)
-    return examples
+  for lang_index, lang in enumerate(languages):
+    rows = per_language[lang]
+    if fraction < 1.0 and rows:
+      n_keep = max(1, int(round(fraction * len(rows))))
+      # Seed mixes in the language index so languages get independent subsets.
+      rng = np.random.default_rng((seed, lang_index))
+      keep = np.sort(rng.choice(len(rows), size=n_keep, replace=False))
+      rows = [rows[i] for i in keep]
+    examples.extend(rows)
+  return examples
 
 
 def _resolve_root(data_dir: epath.Path) -> epath.Path:
-    """Returns the folder that directly contains the language folders."""
-    if not data_dir.is_dir():
-        raise DataError(
-            f"tsm data dir {str(data_dir)!r} does not exist or is not a directory; "
-            f"pass data_dir= or set {DATA_DIR_ENV} to the folder containing 'xlmt/' "
-            f"(e.g. {DATA_DIR_ENV}=../shared/data)"
-        )
-    if (data_dir / "xlmt").is_dir():
-        return data_dir / "xlmt"
-    return data_dir
+  """Returns the folder that directly contains the language folders."""
+  if not data_dir.is_dir():
+    raise DataError(
+        f"tsm data dir {str(data_dir)!r} does not exist or is not a directory; "
+        f"pass data_dir= or set {DATA_DIR_ENV} to the folder containing 'xlmt/' "
+        f"(e.g. {DATA_DIR_ENV}=../shared/data)"
+    )
+  if (data_dir / "xlmt").is_dir():
+    return data_dir / "xlmt"
+  return data_dir
 
 
 def _read_lines(path: epath.Path) -> list[str]:
-    # Split on "\n" only: str.splitlines would also split on U+2028/U+0085,
-    # which can occur inside tweets and would misalign texts and labels.
-    content = path.read_bytes().decode("utf-8")  # bytes: keep "\r" and U+2028 as they are
-    if content == "":
-        return []
-    lines = content.split("\n")
-    if lines[-1] == "":  # tolerate a trailing newline
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+  # Split on "\n" only: str.splitlines would also split on U+2028/U+0085,
+  # which can occur inside tweets and would misalign texts and labels.
+  content = path.read_bytes().decode("utf-8")  # bytes: keep "\r" and U+2028 as they are
+  if content == "":
+    return []
+  lines = content.split("\n")
+  if lines[-1] == "":  # tolerate a trailing newline
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _load_local(root: epath.Path, split: str, language: str) -> list[Example]:
-    lang_dir = root / language
-    if not lang_dir.is_dir():
-        available = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise DataError(
-            f"tsm language folder {str(lang_dir)!r} not found; "
-            f"available languages in {str(root)!r}: {available}"
-        )
-    text_path = lang_dir / f"{split}_text.txt"
-    label_path = lang_dir / f"{split}_labels.txt"
-    for path in (text_path, label_path):
-        if not path.is_file():
-            raise DataError(f"tsm file {str(path)!r} not found")
-    texts = _read_lines(text_path)
-    raw_labels = _read_lines(label_path)
-    if len(texts) != len(raw_labels):
-        raise DataError(
-            f"tsm line count mismatch: {str(text_path)!r} has {len(texts)} lines but "
-            f"{str(label_path)!r} has {len(raw_labels)} lines"
-        )
-    examples = []
-    for line_no, (text, raw) in enumerate(zip(texts, raw_labels), start=1):
-        label = _parse_label(raw)
-        if label is None:
-            raise DataError(
-                f"{str(label_path)!r} line {line_no}: invalid label {raw!r}; "
-                f"expected an integer in [0, {len(TSM_LABELS) - 1}]"
-            )
-        examples.append(Example(text=text, label=label, language=language))
-    return examples
+  lang_dir = root / language
+  if not lang_dir.is_dir():
+    available = sorted(p.name for p in root.iterdir() if p.is_dir())
+    raise DataError(
+        f"tsm language folder {str(lang_dir)!r} not found; "
+        f"available languages in {str(root)!r}: {available}"
+    )
+  text_path = lang_dir / f"{split}_text.txt"
+  label_path = lang_dir / f"{split}_labels.txt"
+  for path in (text_path, label_path):
+    if not path.is_file():
+      raise DataError(f"tsm file {str(path)!r} not found")
+  texts = _read_lines(text_path)
+  raw_labels = _read_lines(label_path)
+  if len(texts) != len(raw_labels):
+    raise DataError(
+        f"tsm line count mismatch: {str(text_path)!r} has {len(texts)} lines but "
+        f"{str(label_path)!r} has {len(raw_labels)} lines"
+    )
+  examples = []
+  for line_no, (text, raw) in enumerate(zip(texts, raw_labels), start=1):
+    label = _parse_label(raw)
+    if label is None:
+      raise DataError(
+          f"{str(label_path)!r} line {line_no}: invalid label {raw!r}; "
+          f"expected an integer in [0, {len(TSM_LABELS) - 1}]"
+      )
+    examples.append(Example(text=text, label=label, language=language))
+  return examples
 
 
 def _parse_label(raw: str) -> int | None:
-    try:
-        label = int(raw.strip())
-    except ValueError:
-        return None
-    return label if 0 <= label < len(TSM_LABELS) else None
+  try:
+    label = int(raw.strip())
+  except ValueError:
+    return None
+  return label if 0 <= label < len(TSM_LABELS) else None
 
 
 def _load_hub(split: str, language: str) -> list[Example]:
-    """Reads one language/split from the hub copy (needs network or HF cache)."""
-    if language not in TSM_LANGUAGES:
-        raise DataError(
-            f"tsm language {language!r} not on the hub copy {HUB_NAME}; "
-            f"available: {list(TSM_LANGUAGES)}"
-        )
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a dependency
-        raise DataError(
-            f"no local tsm data ({DATA_DIR_ENV} unset) and the 'datasets' package "
-            f"is not installed; set {DATA_DIR_ENV} to the folder containing 'xlmt/'"
-        ) from e
-    try:
-        ds = datasets.load_dataset(HUB_NAME, language, split=_HUB_SPLITS[split])
-    except Exception as e:
-        raise DataError(
-            f"no local tsm data ({DATA_DIR_ENV} unset) and loading {HUB_NAME} "
-            f"({language}, {_HUB_SPLITS[split]}) from the hub failed: {e}; "
-            f"set {DATA_DIR_ENV} to the folder containing 'xlmt/'"
-        ) from e
-    examples = []
-    for row_no, row in enumerate(ds, start=1):
-        label = row["label"]
-        if not isinstance(label, (int, np.integer)) or not 0 <= label < len(TSM_LABELS):
-            raise DataError(
-                f"{HUB_NAME} ({language}, {_HUB_SPLITS[split]}) row {row_no}: "
-                f"invalid label {label!r}"
-            )
-        examples.append(Example(text=row["text"], label=int(label), language=language))
-    return examples
+  """Reads one language/split from the hub copy (needs network or HF cache)."""
+  if language not in TSM_LANGUAGES:
+    raise DataError(
+        f"tsm language {language!r} not on the hub copy {HUB_NAME}; "
+        f"available: {list(TSM_LANGUAGES)}"
+    )
+  try:
+    import datasets
+  except ImportError as e:  # pragma: no cover - datasets is a dependency
+    raise DataError(
+        f"no local tsm data ({DATA_DIR_ENV} unset) and the 'datasets' package "
+        f"is not installed; set {DATA_DIR_ENV} to the folder containing 'xlmt/'"
+    ) from e
+  try:
+    ds = datasets.load_dataset(HUB_NAME, language, split=_HUB_SPLITS[split])
+  except Exception as e:
+    raise DataError(
+        f"no local tsm data ({DATA_DIR_ENV} unset) and loading {HUB_NAME} "
+        f"({language}, {_HUB_SPLITS[split]}) from the hub failed: {e}; "
+        f"set {DATA_DIR_ENV} to the folder containing 'xlmt/'"
+    ) from e
+  examples = []
+  for row_no, row in enumerate(ds, start=1):
+    label = row["label"]
+    if not isinstance(label, (int, np.integer)) or not 0 <= label < len(TSM_LABELS):
+      raise DataError(
+          f"{HUB_NAME} ({language}, {_HUB_SPLITS[split]}) row {row_no}: "
+          f"invalid label {label!r}"
+      )
+    examples.append(Example(text=row["text"], label=int(label), language=language))
+  return examples
