@@ -49,11 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import sharding
+from kd_jax import losses, sharding
 from kd_jax.config_base import train_config
 from kd_jax.models import unpad as unpad_lib
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
-from kd_jax.train import TrainState, _outputs_needed, make_optimizer, make_train_step
+from kd_jax.train import TrainState, make_optimizer, make_train_step
 
 WEIGHTS = {"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}
 NUM_LABELS = 3
@@ -149,23 +149,23 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   teacher = Encoder(tcfg, scan_layers=scan_layers)
   student = Encoder(scfg, scan_layers=scan_layers)
   lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
-  step_fn = make_train_step(student, teacher, tx, weights=WEIGHTS, layer_map=lmap,
+  step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
                             prediction_loss="mse", temperature=1.0, mesh=mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   rng = jax.random.PRNGKey(seed + 1)
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, t_params, batch, rng).compile()
+  compiled = step_fn.lower(state, (t_params,), batch, rng).compile()
   compile_s = time.perf_counter() - start
 
   box = {"state": state, "metrics": None}
 
   def one_step():
-    box["state"], box["metrics"] = compiled(box["state"], t_params, batch, rng)
+    box["state"], box["metrics"] = compiled(box["state"], (t_params,), batch, rng)
     return jax.block_until_ready(box["metrics"]["loss"])
 
-  _, teacher_kwargs = _outputs_needed(WEIGHTS, lmap, sizes.student_layers,
-                                      sizes.teacher_layers)
+  _, teacher_kwargs = losses.outputs_needed(WEIGHTS, lmap, sizes.student_layers,
+                                           sizes.teacher_layers)
 
   @jax.jit
   def teacher_forward(params, ids, mask, token_index):

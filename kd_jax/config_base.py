@@ -2,18 +2,43 @@
 
 Every field the loop reads is defined here once, so an override of an unknown field
 (`--config.student.nmu_layers=4`) is an error from ml_collections, not silently ignored.
+`validate_config` checks the values of those fields (one function per section) before any
+stage trains; it needs no training module, so nothing here imports `kd_jax.train`.
 """
 
+from __future__ import annotations
+
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from kd_jax.data.tsm import TSM_LANGUAGES
+from kd_jax import losses, sharding, student_init
+from kd_jax.data import batching
+from kd_jax.data.tsm import TSM_LABELS, TSM_LANGUAGES
+
+# The stages of config.stages, in the order they run.
+STAGES = ("finetune_teacher", "general_distill", "distill")
+# The config section of each stage (its .train holds the stage's optimiser); also the name
+# of the stage's directory under the workdir.
+STAGE_SECTIONS = {"finetune_teacher": "teacher", "general_distill": "general",
+                  "distill": "student"}
+# config.student.init: student_init.STRATEGIES plus the student of a general_distill stage.
+INIT_STRATEGIES = ("from_scratch", "from_base", "from_teacher", "from_general")
+# config.precision -> compute dtype (EncoderConfig.dtype); parameters stay float32.
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# config.nonfinite: what a step with a non-finite loss term or gradient does.
+NONFINITE_MODES = ("stop", "skip")
+# config.data.name -> (label names, known languages). The readers stay with the training
+# code (tsm -> kd_jax.data.tsm.load_tsm), so the config needs no I/O module.
+TASKS = {"tsm": (TSM_LABELS, TSM_LANGUAGES)}
+# Longest sequence the position embeddings cover (data.max_length, general.max_length).
+_MAX_POSITIONS = 512
 
 
 class ConfigError(ValueError):
   """A config field (or flag) whose value kd_jax cannot run; the message names the field.
-  Raised before any stage trains (`train.validate_config`, `train.check_before_training`);
-  `kd_jax.main` prints it as one line."""
+  Raised before any stage trains (`config_base.validate_config`,
+  `train.check_before_training`); `kd_jax.main` prints it as one line."""
 
 
 class MissingPathError(ConfigError, FileNotFoundError):
@@ -41,6 +66,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every config field with its default: tsm, e5-small teacher, 6-layer TinyBERT student."""
   config = ml_collections.ConfigDict()
   # Pretrained model: the teacher's starting point, the from_base source and the tokenizer.
   # A local HF directory, a hub id (xlm-roberta-base), or an offline short name.
@@ -162,3 +188,165 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: a sixteenth of a shard's padded positions (at most 16 budgets per padded shape).
   config.unpad_multiple = 0
   return config
+
+
+# ---------------------------------------------------------------------------
+# validation: everything that can be wrong is found before training starts
+# ---------------------------------------------------------------------------
+def split_checkpoints(value) -> tuple[str, ...]:
+  """config.teacher.checkpoint as a tuple of paths: "" -> (), "a" -> ("a",),
+  "a,b" (command line) or ("a", "b") (config file) -> ("a", "b"). Entries are stripped
+  and empty ones dropped ("a, b" -> ("a", "b")). Raises nothing."""
+  if isinstance(value, str):
+    value = value.split(",")
+  return tuple(str(v).strip() for v in value if str(v).strip())
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the values of `config` (a `base_config()` tree), section by section.
+
+  Raises:
+    ConfigError (a ValueError) naming the first bad field, e.g.
+    "config.student.init='x' is not valid; choose from [...]" for an unknown name,
+    "config.mesh.data=0 must be an int >= 1 or -1 (the rest)" for a bad number,
+    "config.distill.weights.mlm: MLM terms need masked text; ..." for a field that
+    contradicts another.
+  """
+  _validate_stages(config)
+  _validate_data(config)
+  _validate_student(config)
+  _validate_distill(config)
+  _validate_train(config)
+  _validate_general(config)
+  _validate_runtime(config)
+
+
+def _check(field: str, value, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"config.{field}={value!r} is not valid; choose from {list(valid)}")
+
+
+def _check_buckets(section: str, fields: ml_collections.ConfigDict) -> None:
+  try:
+    batching.validate_buckets(fields.buckets, fields.max_length)
+  except ValueError as e:
+    raise ConfigError(f"config.{section}.buckets={tuple(fields.buckets)}, "
+                      f"config.{section}.max_length={fields.max_length}: {e}") from e
+
+
+def _check_max_length(section: str, max_length: int) -> None:
+  if max_length > _MAX_POSITIONS:
+    raise ConfigError(f"config.{section}.max_length={max_length} exceeds "
+                      f"{_MAX_POSITIONS} positions")
+
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  """config.stages: known stage names."""
+  for stage in config.stages:
+    _check("stages", stage, STAGES)
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """config.data: the task, its languages, buckets and max_length."""
+  dc = config.data
+  _check("data.name", dc.name, TASKS)
+  _, known_languages = TASKS[dc.name]
+  for field in ("languages", "train_languages", "seen_languages"):
+    for lang in dc[field] or ():
+      _check(f"data.{field}", lang, known_languages)
+  _check_buckets("data", dc)
+  _check_max_length("data", dc.max_length)
+
+
+def _validate_student(config: ml_collections.ConfigDict) -> None:
+  """config.student: initialisation strategy and its layer map strategy."""
+  _check("student.init", config.student.init, INIT_STRATEGIES)
+  _check("student.layer_map_strategy", config.student.layer_map_strategy,
+         student_init.INIT_LAYER_MAP_STRATEGIES)
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.distill: loss terms and weights, prediction loss, layer map, alpha; and the
+  terms several teachers (config.teacher.checkpoint) can define."""
+  dc = config.distill
+  _check("distill.prediction_loss", dc.prediction_loss, losses.PREDICTION_LOSSES)
+  for term in dc.weights:
+    _check("distill.weights", term, losses.DISTILL_TERMS)
+    if float(dc.weights[term]) < 0:
+      raise ConfigError(f"config.distill.weights.{term}={dc.weights[term]} is negative")
+  for term in losses.MLM_TERMS:
+    if float(dc.weights.get(term, 0.0)) > 0:
+      raise ConfigError(f"config.distill.weights.{term}: MLM terms need masked text; they "
+                        "belong in config.general.weights (stage general_distill)")
+  _check("distill.layer_map_strategy", dc.layer_map_strategy,
+         ("",) + student_init.LAYER_MAP_STRATEGIES)
+  alpha = float(dc.alpha)
+  if alpha > 1:
+    raise ConfigError(f"config.distill.alpha={alpha} must be in [0, 1] (or negative: off)")
+  teacher_dirs = split_checkpoints(config.teacher.checkpoint)
+  if len(teacher_dirs) > 1 and dc.kd and "distill" in config.stages:
+    # The target of several teachers is the mean of their logits; their hidden states,
+    # attention and values live in unrelated bases (and may differ in width, depth and
+    # heads), so a mean of them is no representation to distill from.
+    bad = [t for t in losses.INTERMEDIATE_TERMS if float(dc.weights.get(t, 0)) > 0]
+    if bad:
+      raise ConfigError(
+          f"config.teacher.checkpoint names {len(teacher_dirs)} teachers, but "
+          + ", ".join(f"config.distill.weights.{t}={dc.weights[t]}" for t in bad)
+          + " > 0: with several teachers only the logit terms (pred, soft_ce, clf) are "
+          "defined (target = mean of the teachers' logits); set those weights to 0")
+
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
+  """config.teacher/student/general.train: batch sizes and a stage length."""
+  for name in STAGE_SECTIONS.values():
+    tc = config[name].train
+    if tc.batch_size < 1 or tc.eval_batch_size < 1:
+      raise ConfigError(f"config.{name}.train.batch_size and eval_batch_size must be >= 1")
+    if tc.num_train_steps <= 0 and tc.num_epochs <= 0:
+      raise ConfigError(f"config.{name}.train: set num_train_steps or num_epochs > 0")
+
+
+def _validate_general(config: ml_collections.ConfigDict) -> None:
+  """config.general: init and loss terms always; masking, text and lengths when the
+  general_distill stage runs."""
+  gc = config.general
+  _check("general.init", gc.init, student_init.STRATEGIES)
+  for term in gc.weights:
+    _check("general.weights", term, losses.GENERAL_TERMS)
+    if float(gc.weights[term]) < 0:
+      raise ConfigError(f"config.general.weights.{term}={gc.weights[term]} is negative")
+  if "general_distill" not in config.stages:
+    return
+  if not any(float(v) > 0 for v in gc.weights.values()):
+    raise ConfigError("config.general.weights: no term has a positive weight")
+  if not 0 < float(gc.mask_rate) <= 1:
+    raise ConfigError(f"config.general.mask_rate={gc.mask_rate} must be in (0, 1]")
+  if gc.heldout_size < 1:
+    raise ConfigError(f"config.general.heldout_size={gc.heldout_size} must be >= 1")
+  _check_buckets("general", gc)
+  _check_max_length("general", gc.max_length)
+  for lang in gc.tsm_languages:
+    _check("general.tsm_languages", lang, TSM_LANGUAGES)
+  if not (gc.text_files or gc.tsm_languages or gc.sib200_languages):
+    raise ConfigError("config.general: no text; set text_files, tsm_languages or "
+                      "sib200_languages")
+
+
+def _validate_runtime(config: ml_collections.ConfigDict) -> None:
+  """How the steps run: precision, nonfinite, remat, scan_layers, unpad, unpad_multiple
+  and the device mesh."""
+  _check("precision", config.precision, PRECISIONS)
+  _check("nonfinite", config.nonfinite, NONFINITE_MODES)
+  for field in ("remat", "scan_layers", "unpad"):
+    _check(field, config[field], (False, True))
+  if not isinstance(config.unpad_multiple, int) or config.unpad_multiple < 0:
+    raise ConfigError(f"config.unpad_multiple={config.unpad_multiple!r} must be an int >= 0 "
+                      "(0: a sixteenth of a batch shard's positions)")
+  for axis in sharding.MESH_AXES:
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"config.mesh.{axis}={size!r} must be an int >= 1 or -1 (the rest)")
+  if sum(config.mesh[axis] == -1 for axis in sharding.MESH_AXES) > 1:
+    raise ConfigError("config.mesh: only one of data, fsdp, tensor may be -1 (the rest), got "
+                      + ", ".join(f"{a}={config.mesh[a]}" for a in sharding.MESH_AXES))

@@ -9,6 +9,9 @@ training data) and "unseen" (zero-shot cross-lingual) groups.
 * :func:`format_markdown_table` - one row per run, one column per language.
 * :func:`write_results` - ``<workdir>/<name>.json`` and ``<workdir>/<name>.md``,
   each written atomically.
+* :class:`ClassificationEvaluator`, :class:`MLMEvaluator` - a stage's evaluation on
+  the mesh, both ``(params, step) -> (scalars, score)``, so one training loop runs
+  every stage.
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from sklearn.metrics import f1_score
 
-from kd_jax import paths
+from kd_jax import masking, paths, sharding
+from kd_jax.data import batching
 
-__all__ = ["classification_metrics", "format_markdown_table", "write_results"]
+__all__ = ["classification_metrics", "format_markdown_table", "write_results",
+           "ClassificationEvaluator", "MLMEvaluator", "Interrupted"]
 
 
 def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -235,3 +242,129 @@ def write_results(
     )
   paths.write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
   return json_path, md_path
+
+
+# ---------------------------------------------------------------------------
+# evaluators of a training stage
+# ---------------------------------------------------------------------------
+class Interrupted(Exception):
+  """An evaluation stopped between two batches because `interrupt()` said so (SIGTERM)."""
+
+
+def _eval_batches(data: batching.TokenizedData, batch_size: int, buckets, pad_id: int,
+                  interrupt: Callable[[], bool] | None) -> Iterable[dict]:
+  """Every example once, in order, padded batches; raises Interrupted between batches."""
+  for batch in batching.batches(data, batch_size, buckets, pad_id, shuffle=False,
+                                drop_remainder=False):
+    if interrupt is not None and interrupt():
+      raise Interrupted()
+    yield batch
+
+
+class ClassificationEvaluator:
+  """Macro-F1 and accuracy of a sequence classifier on one split, overall and per language.
+
+  `evaluator(params, step, interrupt=None) -> (scalars, score)`: `scalars` are the
+  TensorBoard values ("<split>/macro_f1", "<split>/avg_macro_f1", "<split>/accuracy",
+  "<split>/macro_f1/<language>"), `score` the overall macro-F1 (%) that picks the best
+  step; the full `classification_metrics` result is left in `self.metrics`. `params`
+  (the model's tree) may be sharded over `mesh`; the batch is sharded over its batch
+  axes. `interrupt`: polled before each batch, raises Interrupted when true.
+  """
+
+  def __init__(self, model, data: batching.TokenizedData, split: str, *, batch_size: int,
+               buckets, pad_id: int, mesh, num_classes: int, seen_languages=None):
+    def predict(params, batch):
+      logits = model.apply({"params": params}, batch["input_ids"],
+                           batch["attention_mask"]).logits
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    self.predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
+    self.data, self.split, self.mesh = data, split, mesh
+    self.batch_args = (batch_size, buckets, pad_id)
+    self.num_classes = num_classes
+    self.seen_languages = list(seen_languages) if seen_languages else None
+    self.language_names = list(data.language_order)
+    self.metrics: dict = {}
+
+  def __call__(self, params, step: int, interrupt=None) -> tuple[dict[str, float], float]:
+    del step  # the same for every step
+    predictions = np.full(len(self.data), -1, np.int32)
+    for batch in _eval_batches(self.data, *self.batch_args, interrupt):
+      index = batch.pop("example_index")
+      pred = np.asarray(self.predict(params, sharding.shard_global_batch(batch, self.mesh)))
+      predictions[index[index >= 0]] = pred[index >= 0]
+    m = classification_metrics(self.data.labels, predictions, self.data.language_ids,
+                               self.language_names, self.num_classes,
+                               seen_languages=self.seen_languages)
+    self.metrics = m
+    s = self.split
+    scalars = {f"{s}/macro_f1": m["overall"]["macro_f1"], f"{s}/avg_macro_f1": m["avg_macro_f1"],
+               f"{s}/accuracy": m["overall"]["accuracy"]}
+    scalars.update({f"{s}/macro_f1/{lang}": v["macro_f1"]
+                    for lang, v in m["per_language"].items()})
+    return scalars, m["overall"]["macro_f1"]
+
+  def summary(self) -> str:
+    return f"{self.split} macro-F1 {self.metrics['overall']['macro_f1']:.2f}"
+
+  def write(self, stage_dir: epath.Path, metrics: dict) -> None:
+    """`<stage_dir>/<split>.json` and `.md` (write_results)."""
+    write_results(stage_dir, self.split, metrics, self.language_names)
+
+
+class MLMEvaluator:
+  """Masked-LM loss (mean cross-entropy per masked token, nats) and accuracy (%) of a model
+  with the MLM head, overall and per text source, on held-out text.
+
+  Masks come from `masking.masking_rng(seed, HELDOUT_STREAM, batch number)`, so every
+  evaluation of a run sees the same masked tokens. Same call as ClassificationEvaluator;
+  `score` is minus the MLM loss (higher is better); `self.metrics` = {"overall": ...,
+  "per_source": {source: ...}}, each {"mlm_loss", "mlm_accuracy", "num_masked"}.
+  """
+
+  def __init__(self, model, data: batching.TokenizedData, spec: masking.MaskingSpec, *,
+               batch_size: int, buckets, pad_id: int, seed: int, mesh, split: str = "heldout"):
+    def mlm_eval(params, batch):
+      logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                           masked_positions=batch["masked_positions"]).logits
+      logits = logits.astype(jnp.float32)
+      labels = batch["mlm_labels"]
+      w = batch["mlm_weights"].astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+      correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+      return (jnp.sum(jnp.where(w > 0, nll, 0.0) * w, -1), jnp.sum(correct * w, -1),
+              jnp.sum(w, -1))
+    self.mlm_eval = jax.jit(mlm_eval, out_shardings=sharding.replicated(mesh))
+    self.data, self.spec, self.seed, self.mesh, self.split = data, spec, seed, mesh, split
+    self.batch_args = (batch_size, buckets, pad_id)
+    self.metrics: dict = {}
+
+  def __call__(self, params, step: int, interrupt=None) -> tuple[dict[str, float], float]:
+    del step
+    sources = list(self.data.language_order)
+    sums = np.zeros((3, len(sources)))
+    for i, batch in enumerate(_eval_batches(self.data, *self.batch_args, interrupt)):
+      rng = masking.masking_rng(self.seed, masking.HELDOUT_STREAM, i)
+      masked = masking.mask_batch(batch, self.spec, rng)
+      out = jax.device_get(self.mlm_eval(params, sharding.shard_global_batch(masked, self.mesh)))
+      for k in range(3):
+        np.add.at(sums[k], batch["language_ids"], np.asarray(out[k], np.float64))  # pads add 0
+
+    def metrics(nll, correct, count):
+      return {"mlm_loss": float(nll / max(count, 1)),
+              "mlm_accuracy": float(100 * correct / max(count, 1)), "num_masked": int(count)}
+    self.metrics = {"overall": metrics(*sums.sum(1)),
+                    "per_source": {name: metrics(*sums[:, j]) for j, name in enumerate(sources)}}
+    scalars = {f"{self.split}/{k}": v for k, v in self.metrics["overall"].items()
+               if k != "num_masked"}
+    return scalars, -self.metrics["overall"]["mlm_loss"]
+
+  def summary(self) -> str:
+    o = self.metrics["overall"]
+    return f"{self.split} MLM loss {o['mlm_loss']:.4f}, accuracy {o['mlm_accuracy']:.2f}%"
+
+  def write(self, stage_dir: epath.Path, metrics: dict) -> None:
+    """`<stage_dir>/<split>.json`."""
+    paths.write_text_atomic(stage_dir / f"{self.split}.json",
+                            json.dumps(_to_jsonable(metrics), indent=2, default=str))

@@ -16,6 +16,7 @@ Command line (a run directory exports its student by default)::
 
     python -m kd_jax.export --workdir runs/default --out exported/student
     python -m kd_jax.export --workdir runs/default --stage teacher --out exported/teacher
+    python -m kd_jax.export --workdir runs/general --stage general --out exported/general
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from etils import epath
 
 from kd_jax import hf_io, paths
+from kd_jax.config_base import STAGE_SECTIONS
 from kd_jax.data.tsm import TSM_LABELS
 from kd_jax.models.encoder import EncoderConfig, init_params
 
@@ -44,7 +46,8 @@ _HF_CLASSES = {
     "deberta-v2": ("deberta-v2", "DebertaV2ForSequenceClassification", "DebertaV2Model"),
     "distilbert": ("distilbert", "DistilBertForSequenceClassification", "DistilBertModel"),
 }
-STAGE_DIRS = {"student": "student", "teacher": "teacher"}
+# --stage name (a stage directory's name) -> the stage it holds
+STAGES_BY_DIR = {d: stage for stage, d in STAGE_SECTIONS.items()}
 
 
 def _model_params(params: Mapping) -> Mapping:
@@ -310,9 +313,10 @@ def stage_labels(info: Mapping, num_labels: int) -> tuple[str, ...] | None:
 def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, labels: Sequence[str] | None = None,
                  tokenizer_dir: str | os.PathLike | None = None) -> epath.Path:
-  """Exports the best-val parameters of a finished stage (`<workdir>/student` or `teacher`).
+  """Exports the parameters a finished stage kept: the best-val ones of `<workdir>/student`
+  or `teacher`, the final ones of `general` (with its MLM head: `...ForMaskedLM`).
 
-  Reads `<stage_dir>/model_config.json`, restores `checkpoints/best`, and takes the
+  Reads `<stage_dir>/model_config.json`, restores `checkpoints/best` (or `final`), takes the
   tokenizer of the stage's `base_model` (resolved with hf_io.resolve_model_dir) unless
   `tokenizer_dir` is given. Class names: `labels`, else those recorded for the stage
   (tsm: negative / neutral / positive), else LABEL_i.
@@ -320,12 +324,12 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     FileNotFoundError: no model_config.json or no best checkpoint (names the path).
     FileExistsError, ValueError: as export_hf.
   """
-  from kd_jax import train  # heavy imports (orbax, clu) only when needed
+  from kd_jax import checkpoints  # heavy imports (orbax) only when needed
   stage_dir = paths.resolve(stage_dir)
   out_dir = paths.resolve_local(out_dir, "out_dir")
   _prepare_out_dir(out_dir, overwrite)  # refused before the checkpoint is read
-  config, info = train._load_model_config(stage_dir)
-  params = train.restore_best_params(stage_dir, config)
+  config, info = checkpoints.load_model_config(stage_dir)
+  params = checkpoints.restore_stage_params(stage_dir, config)
   if tokenizer_dir is None and info.get("base_model"):
     tokenizer_dir = hf_io.resolve_model_dir(info["base_model"])
   if labels is None:
@@ -336,29 +340,29 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 def find_stage_dir(workdir: str | os.PathLike, stage: str | None = None) -> epath.Path:
   """The stage directory to export: `workdir` itself when it holds model_config.json
-  (and no `stage` is asked for), else `<workdir>/<stage>`, by default `student` when
-  present, else `teacher`.
+  (and no `stage` is asked for), else `<workdir>/<stage>` (`teacher`, `general` or
+  `student`), by default `student` when present, else `teacher`, else `general`.
   Raises FileNotFoundError naming what was looked for."""
   workdir = paths.resolve(workdir)
   if stage is not None:
-    if stage not in STAGE_DIRS:
-      raise ValueError(f"stage={stage!r}; choose from {list(STAGE_DIRS)}")
-    candidate = workdir / STAGE_DIRS[stage]
+    if stage not in STAGES_BY_DIR:
+      raise ValueError(f"stage={stage!r}; choose from {list(STAGES_BY_DIR)}")
+    candidate = workdir / stage
     if (candidate / "model_config.json").exists():
       return candidate
     if (workdir / "model_config.json").exists():
       info = json.loads((workdir / "model_config.json").read_text())
-      if info.get("stage") == {"student": "distill", "teacher": "finetune_teacher"}[stage]:
+      if info.get("stage") == STAGES_BY_DIR[stage]:
         return workdir
     raise FileNotFoundError(f"{candidate / 'model_config.json'} does not exist: no finished "
                             f"{stage} stage in {workdir}")
   if (workdir / "model_config.json").exists():
     return workdir
-  for name in ("student", "teacher"):
+  for name in ("student", "teacher", "general"):
     if (workdir / name / "model_config.json").exists():
       return workdir / name
   raise FileNotFoundError(f"{workdir}: neither a stage directory (model_config.json) nor a "
-                          "run directory with student/ or teacher/")
+                          "run directory with student/, teacher/ or general/")
 
 
 def main(argv: Sequence[str] | None = None) -> epath.Path:
@@ -368,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> epath.Path:
   parser.add_argument("--workdir", required=True,
                       help="run directory (holding student/ and teacher/) or a stage directory")
   parser.add_argument("--out", required=True, help="output directory (created)")
-  parser.add_argument("--stage", choices=sorted(STAGE_DIRS), default=None,
+  parser.add_argument("--stage", choices=sorted(STAGES_BY_DIR), default=None,
                       help="which stage of a run directory (default: student if present)")
   parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   parser.add_argument("--labels", default=None,

@@ -8,6 +8,11 @@ PKD's normalised [CLS] loss (Sun et al., 2019), DistilBERT's cosine loss
 MiniLM's attention + value-relation KL (Wang et al., 2020), and the supervised
 cross-entropy ``L_clf``.
 
+The terms :func:`distillation_loss` combines are registered in ``TERMS``
+(name -> :class:`Term`: the function, the model outputs it reads and its
+flags); the term tuples (``DISTILL_TERMS``, ``GENERAL_TERMS``, ...) and
+:func:`outputs_needed` are derived from it.
+
 Conventions
 -----------
 ``B`` batch, ``T`` tokens, ``H`` hidden width, ``h`` attention heads,
@@ -38,15 +43,25 @@ trace time.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Term",
+    "TermInputs",
+    "TERMS",
     "DISTILL_TERMS",
+    "SUPERVISED_TERMS",
+    "MLM_TERMS",
+    "INTERMEDIATE_TERMS",
+    "GENERAL_TERMS",
+    "LAYERWISE_TERMS",
+    "PROJECTION_KEYS",
     "PREDICTION_LOSSES",
     "select_heads",
     "attention_mse",
@@ -70,25 +85,14 @@ __all__ = [
     "mlm_mse",
     "mean_teacher_logits",
     "apply_alpha",
+    "outputs_needed",
     "distillation_loss",
-    "LAYERWISE_TERMS",
-    "PROJECTION_KEYS",
 ]
 
-#: Valid term names for :func:`distillation_loss` ``weights``.
-DISTILL_TERMS = ("att", "hid", "embd", "pred", "soft_ce", "pkd", "cos", "att_kl",
-                 "minilm", "clf", "mlm", "mlm_kl", "mlm_mse")
-#: Terms that need no teacher (supervised by the batch's own targets).
-SUPERVISED_TERMS = ("clf", "mlm")
-#: Terms on masked-LM logits ``[B, P, V]`` (a model with the MLM head, ``masked_positions``).
-MLM_TERMS = ("mlm", "mlm_kl", "mlm_mse")
-#: Terms comparing intermediate representations (embeddings, hidden states, attention,
-#: values); with several teachers these are undefined (see :func:`mean_teacher_logits`).
-INTERMEDIATE_TERMS = ("att", "hid", "embd", "pkd", "cos", "att_kl", "minilm")
-#: Terms that use the layer map.
-LAYERWISE_TERMS = ("att", "hid", "pkd", "att_kl")
-#: Valid keys of ``projections`` (one learnable ``[H_S, H_T]`` kernel per term).
-PROJECTION_KEYS = ("hid", "embd", "pkd", "cos")
+# The term tuples (DISTILL_TERMS, SUPERVISED_TERMS, MLM_TERMS, INTERMEDIATE_TERMS,
+# GENERAL_TERMS, LAYERWISE_TERMS, PROJECTION_KEYS) are derived from the registry
+# ``TERMS`` below, after the loss functions its entries call.
+
 #: Valid values of ``prediction_loss`` in :func:`distillation_loss`.
 PREDICTION_LOSSES = ("mse", "kl")
 
@@ -942,6 +946,255 @@ def apply_alpha(weights: Mapping[str, Any], alpha) -> dict[str, Any]:
   return out
 
 
+# ---------------------------------------------------------------------------
+# the loss-term registry
+# ---------------------------------------------------------------------------
+# Model outputs a term may read (attributes of the encoder's output).
+_OUTPUT_NAMES = ("logits", "embeddings", "hidden_states", "attention_scores", "values",
+                "last_hidden_state")
+# Outputs that are intermediate representations (not logits): terms reading any of
+# them are INTERMEDIATE_TERMS.
+_INTERMEDIATE_OUTPUTS = ("embeddings", "hidden_states", "attention_scores", "values",
+                         "last_hidden_state")
+_ATTENTION_LAYERS = (None, "mapped", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+  """What a term's ``fn`` gets from :func:`distillation_loss`.
+
+  Attributes:
+    student_out, teacher_out: the models' outputs (``teacher_out`` None only
+      when no term that ``needs_teacher`` is active).
+    batch: the batch mapping.
+    layer_map: the static loss layer map (1-based teacher layer or None per
+      student layer).
+    attention_mask: ``batch["attention_mask"]`` ``[B, T]`` (None if absent).
+    example_weights: ``[B]`` (``batch["example_mask"]``, else ones).
+    mlm_weights: ``[B, P]`` ``batch["mlm_weights"]`` times the example weight,
+      None unless an ``mlm`` term is active.
+    projection: ``projections[name]`` for a term with ``projection=True``
+      (None if not given or the term has none).
+    prediction_loss: ``"mse"`` or ``"kl"`` (``pred``).
+    temperature: softmax temperature (``pred`` with ``"kl"``, ``soft_ce``,
+      ``mlm_kl``).
+  """
+  student_out: Any
+  teacher_out: Any
+  batch: Mapping[str, Any]
+  layer_map: Sequence[Optional[int]]
+  attention_mask: Any
+  example_weights: Any
+  mlm_weights: Any = None
+  projection: Any = None
+  prediction_loss: str = "mse"
+  temperature: Any = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One loss term of :func:`distillation_loss` (an entry of ``TERMS``).
+
+  Attributes:
+    fn: ``TermInputs -> float32 scalar``, the unweighted term.
+    reads: model outputs it reads, among ``logits``, ``embeddings``,
+      ``hidden_states``, ``attention_scores``, ``values``, ``last_hidden_state``; drives
+      :func:`outputs_needed` and ``INTERMEDIATE_TERMS`` / ``GENERAL_TERMS``.
+    needs_teacher: False for a supervised term (``SUPERVISED_TERMS``).
+    layerwise: uses the ``layer_map`` (``LAYERWISE_TERMS``).
+    projection: has a learnable ``[H_S, H_T]`` projection named after the term
+      (``PROJECTION_KEYS``).
+    mlm: on masked-LM logits ``[B, P, V]`` (``MLM_TERMS``; gets ``mlm_weights``).
+    attention_layers: the layers whose ``attention_scores`` it reads:
+      ``"mapped"`` (the pairs of ``layer_map``), ``"last"`` (the last layer of
+      each model) or None (reads no attention scores).
+    doc: one line: what it is (paper / equation).
+  """
+  fn: Callable[["TermInputs"], jax.Array]
+  reads: tuple[str, ...]
+  needs_teacher: bool = True
+  layerwise: bool = False
+  projection: bool = False
+  mlm: bool = False
+  attention_layers: str | None = None
+  doc: str = ""
+
+  def __post_init__(self):
+    if not callable(self.fn):
+      raise ValueError(f"Term.fn must be callable; got {self.fn!r}")
+    bad = [r for r in self.reads if r not in _OUTPUT_NAMES]
+    if isinstance(self.reads, str) or bad:
+      raise ValueError(f"Term.reads must be a tuple of {list(_OUTPUT_NAMES)}; got "
+                       f"{self.reads!r}")
+    if self.attention_layers not in _ATTENTION_LAYERS:
+      raise ValueError(f"Term.attention_layers must be one of {list(_ATTENTION_LAYERS)}; "
+                       f"got {self.attention_layers!r}")
+    if (self.attention_layers is None) != ("attention_scores" not in self.reads):
+      raise ValueError(
+          "Term.attention_layers must be set exactly when the term reads "
+          f"attention_scores; got reads={self.reads!r}, "
+          f"attention_layers={self.attention_layers!r}")
+
+
+def _pred(x: TermInputs) -> jax.Array:
+  if x.prediction_loss == "mse":
+    return logits_mse(x.student_out.logits, x.teacher_out.logits, x.example_weights)
+  return logits_kl(x.student_out.logits, x.teacher_out.logits, x.example_weights,
+                   x.temperature)
+
+
+#: The loss terms of :func:`distillation_loss`, in the order they are computed
+#: and summed.  Adding a term here is all :func:`distillation_loss`,
+#: :func:`outputs_needed` and the derived tuples need.
+TERMS: dict[str, Term] = {
+    "att": Term(
+        lambda x: layerwise_attention_mse(
+            x.student_out.attention_scores, x.teacher_out.attention_scores,
+            x.layer_map, x.attention_mask, x.example_weights),
+        reads=("attention_scores",), layerwise=True, attention_layers="mapped",
+        doc="attention-score MSE over mapped layers (Wibowo et al. 2024 eq. 1; "
+            "TinyBERT)"),
+    "hid": Term(
+        lambda x: layerwise_hidden_mse(
+            x.student_out.hidden_states, x.teacher_out.hidden_states,
+            x.layer_map, x.attention_mask, x.example_weights, x.projection),
+        reads=("hidden_states",), layerwise=True, projection=True,
+        doc="hidden-state MSE over mapped layers (eq. 2; TinyBERT)"),
+    "embd": Term(
+        lambda x: hidden_mse(
+            x.student_out.embeddings, x.teacher_out.embeddings, x.attention_mask,
+            x.example_weights, x.projection),
+        reads=("embeddings",), projection=True,
+        doc="embedding-output MSE (eq. 3; TinyBERT)"),
+    "pred": Term(
+        _pred, reads=("logits",),
+        doc="logits MSE (eq. 4) if prediction_loss='mse', else tempered KL "
+            "(Hinton et al. 2015)"),
+    "soft_ce": Term(
+        lambda x: soft_cross_entropy(
+            x.student_out.logits, x.teacher_out.logits, x.example_weights,
+            x.temperature),
+        reads=("logits",),
+        doc="soft-target cross-entropy with temperature (Hinton et al. 2015)"),
+    "pkd": Term(
+        lambda x: layerwise_cls_pkd(
+            x.student_out.hidden_states, x.teacher_out.hidden_states, x.layer_map,
+            x.example_weights, x.projection),
+        reads=("hidden_states",), layerwise=True, projection=True,
+        doc="normalised [CLS] MSE over mapped layers (PKD, Sun et al. 2019)"),
+    "cos": Term(
+        lambda x: hidden_cosine(
+            _last_hidden(x.student_out), _last_hidden(x.teacher_out),
+            x.attention_mask, x.example_weights, x.projection),
+        reads=("last_hidden_state",), projection=True,
+        doc="last-layer hidden-state cosine loss (DistilBERT, Sanh et al. 2019)"),
+    "att_kl": Term(
+        lambda x: layerwise_attention_kl(
+            x.student_out.attention_scores, x.teacher_out.attention_scores,
+            x.layer_map, x.attention_mask, x.example_weights),
+        reads=("attention_scores",), layerwise=True, attention_layers="mapped",
+        doc="attention-distribution KL over mapped layers (Aguilar et al. 2020)"),
+    "minilm": Term(
+        lambda x: minilm_loss(
+            x.student_out.attention_scores[-1], x.teacher_out.attention_scores[-1],
+            x.student_out.values[-1], x.teacher_out.values[-1], x.attention_mask,
+            x.example_weights),
+        reads=("attention_scores", "values"), attention_layers="last",
+        doc="last-layer attention + value-relation KL (MiniLM, Wang et al. 2020)"),
+    "clf": Term(
+        lambda x: cross_entropy(x.student_out.logits, x.batch["labels"],
+                                x.example_weights),
+        reads=("logits",), needs_teacher=False,
+        doc="cross-entropy against batch['labels'] (L_clf)"),
+    "mlm": Term(
+        lambda x: mlm_cross_entropy(x.student_out.logits, x.batch["mlm_labels"],
+                                    x.mlm_weights),
+        reads=("logits",), needs_teacher=False, mlm=True,
+        doc="masked-LM cross-entropy against batch['mlm_labels']"),
+    "mlm_kl": Term(
+        lambda x: mlm_kl(x.student_out.logits, x.teacher_out.logits, x.mlm_weights,
+                         x.temperature),
+        reads=("logits",), mlm=True,
+        doc="tempered KL to the teacher's MLM logits at masked positions"),
+    "mlm_mse": Term(
+        lambda x: mlm_mse(x.student_out.logits, x.teacher_out.logits, x.mlm_weights),
+        reads=("logits",), mlm=True,
+        doc="MSE to the teacher's MLM logits at masked positions"),
+}
+
+
+def _term_names(pred: Callable[[Term], bool]) -> tuple[str, ...]:
+  """Names of the entries of ``TERMS`` (as it is now) satisfying ``pred``, in order."""
+  return tuple(name for name, term in TERMS.items() if pred(term))
+
+
+def _supervised(t: Term) -> bool:
+  return not t.needs_teacher
+
+
+def _intermediate(t: Term) -> bool:
+  return any(r in _INTERMEDIATE_OUTPUTS for r in t.reads)
+
+
+def _general(t: Term) -> bool:
+  return t.mlm or "logits" not in t.reads
+
+
+#: Valid term names for :func:`distillation_loss` ``weights``.
+DISTILL_TERMS = tuple(TERMS)
+#: Terms that need no teacher (supervised by the batch's own targets).
+SUPERVISED_TERMS = _term_names(_supervised)
+#: Terms on masked-LM logits ``[B, P, V]`` (a model with the MLM head, ``masked_positions``).
+MLM_TERMS = _term_names(lambda t: t.mlm)
+#: Terms comparing intermediate representations (embeddings, hidden states, attention,
+#: values); with several teachers these are undefined (see :func:`mean_teacher_logits`).
+INTERMEDIATE_TERMS = _term_names(_intermediate)
+#: Terms usable without class labels or a classification head (general
+#: distillation): all but those on classification logits (``clf``, ``pred``, ``soft_ce``).
+GENERAL_TERMS = _term_names(_general)
+#: Terms that use the layer map.
+LAYERWISE_TERMS = _term_names(lambda t: t.layerwise)
+#: Valid keys of ``projections`` (one learnable ``[H_S, H_T]`` kernel per term).
+PROJECTION_KEYS = _term_names(lambda t: t.projection)
+
+
+def outputs_needed(weights: Mapping[str, float], layer_map: Sequence[Optional[int]],
+                   student_layers: int,
+                   teacher_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(student, teacher) Encoder keyword arguments: the intermediates the weighted
+  terms read (``Term.reads``; ``last_hidden_state`` and ``logits`` are always
+  returned).
+
+  A term is weighted when ``weights.get(name, 0) > 0``.  Attention scores are
+  asked for only at the layers a term reads (``Term.attention_layers``): the
+  pairs of the loss ``layer_map`` (1-based teacher layer per student layer)
+  for ``"mapped"`` (att, att_kl), the last layer of each model for ``"last"``
+  (minilm).  The other layers then skip materialising ``[B, h, T, T]``.
+
+  Returns:
+    ``(student_kwargs, teacher_kwargs)``, each ``{output_embeddings,
+    output_hidden_states, output_values: bool, output_attention_scores: sorted
+    tuple of 0-based layer indices}``.
+  """
+  active = [term for name, term in TERMS.items() if weights.get(name, 0) > 0]
+  reads = lambda output: any(output in term.reads for term in active)
+  student_att, teacher_att = set(), set()
+  for term in active:
+    if term.attention_layers == "mapped":
+      for i, k in enumerate(layer_map):
+        if k is not None:
+          student_att.add(i)
+          teacher_att.add(k - 1)
+    elif term.attention_layers == "last":
+      student_att.add(student_layers - 1)
+      teacher_att.add(teacher_layers - 1)
+  common = dict(output_embeddings=reads("embeddings"),
+                output_hidden_states=reads("hidden_states"),
+                output_values=reads("values"))
+  return (dict(common, output_attention_scores=tuple(sorted(student_att))),
+          dict(common, output_attention_scores=tuple(sorted(teacher_att))))
+
+
 def distillation_loss(student_out, teacher_out, batch, *,
                       weights: Mapping[str, float],
                       layer_map: Sequence[Optional[int]],
@@ -956,20 +1209,20 @@ def distillation_loss(student_out, teacher_out, batch, *,
   with ``att, hid, embd, pred`` and ``clf`` all weighted 1 this is exactly
   the paper's TinyBERT-style objective).  With ``alpha >= 0`` the total is
   instead ``alpha * L_clf + (1 - alpha) * sum_{k != clf} w_k L_k`` and
-  ``w_clf`` is ignored (:func:`apply_alpha`).  Terms (``DISTILL_TERMS``):
+  ``w_clf`` is ignored (:func:`apply_alpha`).  The terms are the entries of
+  the registry ``TERMS`` (names ``DISTILL_TERMS``; each :class:`Term` has the
+  function it calls, the outputs it reads and a one-line ``doc``), computed
+  and summed in ``TERMS`` order:
 
   * ``att``: :func:`layerwise_attention_mse` on ``attention_scores`` (eq. 1).
-  * ``hid``: :func:`layerwise_hidden_mse` on ``hidden_states`` (eq. 2),
-    projection ``projections["hid"]``.
-  * ``embd``: :func:`hidden_mse` on ``embeddings`` (eq. 3), projection
-    ``projections["embd"]``.
+  * ``hid``: :func:`layerwise_hidden_mse` on ``hidden_states`` (eq. 2).
+  * ``embd``: :func:`hidden_mse` on ``embeddings`` (eq. 3).
   * ``pred``: :func:`logits_mse` (eq. 4) if ``prediction_loss == "mse"`` or
     :func:`logits_kl` with ``temperature`` if ``"kl"`` (Hinton et al. 2015).
   * ``soft_ce``: :func:`soft_cross_entropy` with ``temperature`` (Hinton).
-  * ``pkd``: :func:`layerwise_cls_pkd` on ``hidden_states`` (PKD, Sun et al.
-    2019), projection ``projections["pkd"]``.
+  * ``pkd``: :func:`layerwise_cls_pkd` on ``hidden_states`` (PKD, Sun et al. 2019).
   * ``cos``: :func:`hidden_cosine` on the last layer's hidden states
-    (``last_hidden_state``, DistilBERT), projection ``projections["cos"]``.
+    (``last_hidden_state``, DistilBERT).
   * ``att_kl``: :func:`layerwise_attention_kl` on ``attention_scores``.
   * ``minilm``: :func:`minilm_loss` on the last layer's ``attention_scores``
     and ``values`` (MiniLM, Wang et al. 2020).
@@ -979,9 +1232,12 @@ def distillation_loss(student_out, teacher_out, batch, *,
   * ``mlm_kl``: :func:`mlm_kl` with ``temperature``; ``mlm_mse``: :func:`mlm_mse`;
     both against the teacher's MLM logits (a teacher with an MLM head).
 
-  ``att``, ``hid``, ``pkd`` and ``att_kl`` use ``layer_map`` (mapped layers only).
-  The MLM terms weight each slot by ``batch["mlm_weights"] [B, P]`` times the
-  example weight (:mod:`kd_jax.masking`).
+  ``hid``, ``embd``, ``pkd`` and ``cos`` (``PROJECTION_KEYS``) apply the
+  projection ``projections[<term>]`` when given (needed when the hidden widths
+  differ).  ``att``, ``hid``, ``pkd`` and ``att_kl`` (``LAYERWISE_TERMS``) use
+  ``layer_map`` (mapped layers only).  The MLM terms (``MLM_TERMS``) weight
+  each slot by ``batch["mlm_weights"] [B, P]`` times the example weight
+  (:mod:`kd_jax.masking`).
 
   A term whose weight is absent or a concrete 0 is not computed at all, so
   the model need not return the corresponding intermediates (and
@@ -998,7 +1254,7 @@ def distillation_loss(student_out, teacher_out, batch, *,
       ``clf``), ``mlm_labels [B, P]`` (for ``mlm``), ``mlm_weights [B, P]`` (for
       the MLM terms) and ``example_mask [B]`` (example weights; all ones if
       absent).
-    weights: mapping from term names in ``DISTILL_TERMS`` to floats.
+    weights: mapping from term names in ``TERMS`` to floats.
     layer_map: one 1-based teacher layer (or None: unmapped) per student
       layer (static).
     prediction_loss: ``"mse"`` or ``"kl"``.
@@ -1016,31 +1272,34 @@ def distillation_loss(student_out, teacher_out, batch, *,
       bad ``layer_map``, alpha > 1, or hidden-width mismatch without a
       projection.
   """
-  unknown = sorted(set(weights) - set(DISTILL_TERMS))
+  valid_terms = list(TERMS)   # read now, not at import: a registered term counts
+  unknown = sorted(set(weights) - set(valid_terms))
   if unknown:
     raise ValueError(
-        f"unknown loss term(s) {unknown}; valid terms are {list(DISTILL_TERMS)}")
+        f"unknown loss term(s) {unknown}; valid terms are {valid_terms}")
   if prediction_loss not in PREDICTION_LOSSES:
     raise ValueError(
         f"unknown prediction_loss {prediction_loss!r}; valid values are "
         f"{list(PREDICTION_LOSSES)}")
+  projection_keys = _term_names(lambda t: t.projection)
   projections = dict(projections or {})
-  bad_proj = sorted(set(projections) - set(PROJECTION_KEYS))
+  bad_proj = sorted(set(projections) - set(projection_keys))
   if bad_proj:
     raise ValueError(
-        f"unknown projection key(s) {bad_proj}; valid keys are {list(PROJECTION_KEYS)}")
+        f"unknown projection key(s) {bad_proj}; valid keys are {list(projection_keys)}")
   weights = apply_alpha(weights, alpha)
 
-  active = [(name, weights[name]) for name in DISTILL_TERMS
+  active = [(name, weights[name]) for name in TERMS
             if name in weights and not _is_static_zero(weights[name])]
   if not active:
     raise ValueError(
         f"no loss term has a non-zero weight (weights={dict(weights)}, alpha={alpha})")
-  kd_active = [n for n, _ in active if n not in SUPERVISED_TERMS]
+  kd_active = [n for n, _ in active if TERMS[n].needs_teacher]
   if teacher_out is None and kd_active:
     raise ValueError(
         f"teacher_out is None but distillation term(s) {kd_active} have "
-        f"non-zero weight; only {list(SUPERVISED_TERMS)} can be used without a teacher")
+        f"non-zero weight; only {list(_term_names(_supervised))} can be used without "
+        f"a teacher")
 
   logits = student_out.logits
   attn_mask = batch.get("attention_mask")  # only needed by token-level terms
@@ -1049,62 +1308,28 @@ def distillation_loss(student_out, teacher_out, batch, *,
   else:
     rows = jnp.shape(logits if logits is not None else attn_mask)[0]
     ex_w = jnp.ones((rows,), jnp.float32)
-  if any(n in MLM_TERMS for n, _ in active):
+  mlm_w = None
+  if any(TERMS[n].mlm for n, _ in active):
     mlm_w = _f32(batch["mlm_weights"]) * _f32(ex_w)[:, None]
-  for name in ("mlm_kl", "mlm_mse"):
-    if name in kd_active and (teacher_out.logits is None or jnp.ndim(teacher_out.logits) != 3):
+  for name in kd_active:
+    if TERMS[name].mlm and (teacher_out.logits is None
+                            or jnp.ndim(teacher_out.logits) != 3):
       raise ValueError(
           f"{name} needs the teacher's MLM logits [B, P, V] (a teacher with the MLM "
           f"head, head='mlm'); the teacher's logits are "
           f"{None if teacher_out.logits is None else jnp.shape(teacher_out.logits)}")
 
+  inputs = TermInputs(
+      student_out=student_out, teacher_out=teacher_out, batch=batch,
+      layer_map=layer_map, attention_mask=attn_mask, example_weights=ex_w,
+      mlm_weights=mlm_w, projection=None, prediction_loss=prediction_loss,
+      temperature=temperature)
   terms: dict[str, jax.Array] = {}
   for name, _ in active:
-    if name == "att":
-      terms[name] = layerwise_attention_mse(
-          student_out.attention_scores, teacher_out.attention_scores,
-          layer_map, attn_mask, ex_w)
-    elif name == "hid":
-      terms[name] = layerwise_hidden_mse(
-          student_out.hidden_states, teacher_out.hidden_states,
-          layer_map, attn_mask, ex_w, projections.get("hid"))
-    elif name == "embd":
-      terms[name] = hidden_mse(
-          student_out.embeddings, teacher_out.embeddings, attn_mask,
-          ex_w, projections.get("embd"))
-    elif name == "pred":
-      if prediction_loss == "mse":
-        terms[name] = logits_mse(logits, teacher_out.logits, ex_w)
-      else:
-        terms[name] = logits_kl(logits, teacher_out.logits, ex_w,
-                                temperature)
-    elif name == "soft_ce":
-      terms[name] = soft_cross_entropy(logits, teacher_out.logits, ex_w,
-                                       temperature)
-    elif name == "pkd":
-      terms[name] = layerwise_cls_pkd(
-          student_out.hidden_states, teacher_out.hidden_states, layer_map,
-          ex_w, projections.get("pkd"))
-    elif name == "cos":
-      terms[name] = hidden_cosine(
-          _last_hidden(student_out), _last_hidden(teacher_out), attn_mask,
-          ex_w, projections.get("cos"))
-    elif name == "att_kl":
-      terms[name] = layerwise_attention_kl(
-          student_out.attention_scores, teacher_out.attention_scores,
-          layer_map, attn_mask, ex_w)
-    elif name == "minilm":
-      terms[name] = minilm_loss(
-          student_out.attention_scores[-1], teacher_out.attention_scores[-1],
-          student_out.values[-1], teacher_out.values[-1], attn_mask, ex_w)
-    elif name == "clf":
-      terms[name] = cross_entropy(logits, batch["labels"], ex_w)
-    elif name == "mlm":
-      terms[name] = mlm_cross_entropy(logits, batch["mlm_labels"], mlm_w)
-    elif name == "mlm_kl":
-      terms[name] = mlm_kl(logits, teacher_out.logits, mlm_w, temperature)
-    elif name == "mlm_mse":
-      terms[name] = mlm_mse(logits, teacher_out.logits, mlm_w)
+    term = TERMS[name]
+    term_inputs = (dataclasses.replace(inputs, projection=projections.get(name))
+                   if term.projection else inputs)
+    terms[name] = term.fn(term_inputs)
 
   total = jnp.zeros((), jnp.float32)
   for name, w in active:

@@ -881,3 +881,176 @@ def test_encoder_output_values_and_minilm_end_to_end():
       layer_map=(1, 2))
   for k in ("pkd", "cos", "att_kl", "minilm"):
     np.testing.assert_allclose(terms[k], 0.0, atol=1e-5, err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# the loss-term registry (TERMS) and what is derived from it
+# ---------------------------------------------------------------------------
+def test_derived_term_tuples_keep_their_values():
+  assert losses.DISTILL_TERMS == ("att", "hid", "embd", "pred", "soft_ce", "pkd", "cos",
+                                  "att_kl", "minilm", "clf", "mlm", "mlm_kl", "mlm_mse")
+  assert losses.DISTILL_TERMS == tuple(losses.TERMS)
+  assert losses.SUPERVISED_TERMS == ("clf", "mlm")
+  assert losses.MLM_TERMS == ("mlm", "mlm_kl", "mlm_mse")
+  assert losses.INTERMEDIATE_TERMS == ("att", "hid", "embd", "pkd", "cos", "att_kl", "minilm")
+  assert losses.LAYERWISE_TERMS == ("att", "hid", "pkd", "att_kl")
+  assert losses.PROJECTION_KEYS == ("hid", "embd", "pkd", "cos")
+  assert losses.GENERAL_TERMS == ("att", "hid", "embd", "pkd", "cos", "att_kl", "minilm",
+                                  "mlm", "mlm_kl", "mlm_mse")
+  assert losses.GENERAL_TERMS == tuple(
+      t for t in losses.DISTILL_TERMS if t not in ("clf", "pred", "soft_ce"))
+  for name in ("Term", "TermInputs", "TERMS", "DISTILL_TERMS", "SUPERVISED_TERMS",
+               "MLM_TERMS", "INTERMEDIATE_TERMS", "GENERAL_TERMS", "LAYERWISE_TERMS",
+               "PROJECTION_KEYS", "outputs_needed", "distillation_loss"):
+    assert name in losses.__all__, name
+  for name, term in losses.TERMS.items():
+    assert isinstance(term, losses.Term) and term.doc, name
+
+
+def _kwargs(emb=False, hid=False, val=False, att=()):
+  return dict(output_embeddings=emb, output_hidden_states=hid, output_values=val,
+              output_attention_scores=tuple(att))
+
+
+@pytest.mark.parametrize("weights,layer_map,sl,tl,expected", [
+    # nothing weighted, or only logit terms: no intermediates at all
+    ({}, (2, 4), 2, 4, (_kwargs(), _kwargs())),
+    ({"pred": 1.0, "clf": 1.0, "soft_ce": 0.5, "mlm": 1.0, "mlm_kl": 1.0}, (2, 4), 2, 4,
+     (_kwargs(), _kwargs())),
+    # the paper's objective
+    ({"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}, (2, 4), 2, 4,
+     (_kwargs(emb=True, hid=True, att=(0, 1)), _kwargs(emb=True, hid=True, att=(1, 3)))),
+    # zero / negative weights do not count; unmapped layers read no attention
+    ({"att": 0.0, "hid": -1.0, "att_kl": 2.0}, (None, 4, 6), 3, 6,
+     (_kwargs(att=(1, 2)), _kwargs(att=(3, 5)))),
+    ({"pkd": 1.0, "cos": 1.0}, (2, 4), 2, 4,
+     (_kwargs(hid=True), _kwargs(hid=True))),   # cos reads last_hidden_state only
+    ({"minilm": 1.0}, (2, 4), 2, 6,
+     (_kwargs(val=True, att=(1,)), _kwargs(val=True, att=(5,)))),
+    # minilm + att: the union of the mapped layers and the last ones, sorted
+    ({"minilm": 1.0, "att": 1.0}, (1, 3, None), 3, 6,
+     (_kwargs(val=True, att=(0, 1, 2)), _kwargs(val=True, att=(0, 2, 5)))),
+    ({"minilm": 0.5, "att": 1.0, "att_kl": 1.0, "embd": 1.0}, (2, 2, 4), 3, 4,
+     (_kwargs(emb=True, val=True, att=(0, 1, 2)), _kwargs(emb=True, val=True, att=(1, 3)))),
+])
+def test_outputs_needed(weights, layer_map, sl, tl, expected):
+  assert losses.outputs_needed(weights, layer_map, sl, tl) == expected
+
+
+def np_toy(s, t, w):
+  """Mean over real examples of sum_c |z_S - z_T| (explicit loops)."""
+  tot, cnt = 0.0, 0
+  for b in range(s.shape[0]):
+    if w[b] == 0:
+      continue
+    tot += sum(abs(float(s[b, c]) - float(t[b, c])) for c in range(s.shape[1]))
+    cnt += 1
+  return tot / cnt
+
+
+def _toy_fn(x):
+  w = jnp.asarray(x.example_weights, jnp.float32)
+  d = jnp.sum(jnp.abs(x.student_out.logits - x.teacher_out.logits), axis=-1)
+  return jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def test_registered_term_is_computed_with_its_weight(rng, monkeypatch):
+  stu = make_full_outputs(rng, L=2, h=2, H=4, d=3)
+  tea = make_full_outputs(rng, L=4, h=2, H=4, d=3)
+  batch = make_batch(rng)
+  weights = {"pred": 0.5, "att": 1.0, "toy": 2.0}
+  with pytest.raises(ValueError, match="unknown loss term"):
+    losses.distillation_loss(stu, tea, batch, weights=weights, layer_map=(2, 4))
+  base_total, base_terms = losses.distillation_loss(
+      stu, tea, batch, weights={"pred": 0.5, "att": 1.0}, layer_map=(2, 4))
+
+  monkeypatch.setitem(losses.TERMS, "toy", losses.Term(
+      _toy_fn, reads=("logits",), doc="toy: weighted mean L1 distance of the logits"))
+  total, terms = losses.distillation_loss(stu, tea, batch, weights=weights, layer_map=(2, 4))
+  assert list(terms) == ["loss", "att", "pred", "toy"]   # TERMS order, toy registered last
+  toy = np_toy(stu.logits, tea.logits, WEIGHTS)
+  np.testing.assert_allclose(terms["toy"], toy, rtol=1e-5)
+  for k in ("att", "pred"):   # the other terms are untouched
+    np.testing.assert_array_equal(terms[k], base_terms[k])
+  np.testing.assert_allclose(total, base_total + 2.0 * toy, rtol=1e-5)
+  np.testing.assert_allclose(
+      total, 0.5 * np_logits_mse(stu.logits, tea.logits, WEIGHTS) + np.mean(
+          [np_attention_mse(stu.attention_scores[i], tea.attention_scores[k - 1], MASK,
+                            WEIGHTS) for i, k in enumerate((2, 4))]) + 2.0 * toy, rtol=1e-4)
+  # it is a valid term name now (listed in the error), and jit-compatible
+  with pytest.raises(ValueError, match="valid terms are") as e:
+    losses.distillation_loss(stu, tea, batch, weights={"toyy": 1.0}, layer_map=(2, 4))
+  assert "'toy'" in str(e.value)
+  f = jax.jit(lambda s: losses.distillation_loss(
+      dataclasses.replace(stu, logits=s), tea, batch, weights={"toy": 2.0},
+      layer_map=(2, 4))[0])
+  np.testing.assert_allclose(f(stu.logits), 2.0 * toy, rtol=1e-5)
+  # it needs a teacher (needs_teacher defaults to True)
+  with pytest.raises(ValueError, match=r"teacher_out is None.*'toy'"):
+    losses.distillation_loss(stu, None, batch, weights={"toy": 1.0}, layer_map=(2, 4))
+
+
+def test_registered_term_flags_drive_inputs_and_outputs(rng, monkeypatch):
+  """A supervised term with a projection, reading embeddings: gets its own projection,
+  runs without a teacher, and outputs_needed asks for the embeddings."""
+  stu = make_full_outputs(rng, L=2, h=2, H=4, d=3)
+  batch = make_batch(rng)
+  seen = []
+
+  def fn(x):
+    seen.append(x)
+    return jnp.mean(jnp.asarray(x.student_out.embeddings) @ x.projection)
+
+  monkeypatch.setitem(losses.TERMS, "toy", losses.Term(
+      fn, reads=("embeddings",), needs_teacher=False, projection=True, doc="toy"))
+  proj = {"toy": rng.normal(size=(4, 8)).astype(np.float32),
+          "hid": rng.normal(size=(4, 8)).astype(np.float32)}
+  total, terms = losses.distillation_loss(
+      stu, None, batch, weights={"toy": 3.0, "clf": 1.0}, layer_map=(2, 4),
+      prediction_loss="kl", temperature=2.0, projections=proj)
+  (x,) = seen
+  assert x.projection is proj["toy"] and x.teacher_out is None and x.mlm_weights is None
+  assert x.layer_map == (2, 4) and x.prediction_loss == "kl" and x.temperature == 2.0
+  np.testing.assert_array_equal(x.example_weights, WEIGHTS)
+  toy = np.mean(stu.embeddings.astype(np.float64) @ proj["toy"])
+  np.testing.assert_allclose(terms["toy"], toy, rtol=1e-5)
+  np.testing.assert_allclose(
+      total, 3.0 * toy + np_cross_entropy(stu.logits, batch["labels"], WEIGHTS), rtol=1e-5)
+  assert losses.outputs_needed({"toy": 1.0}, (2, 4), 2, 4) == (
+      _kwargs(emb=True), _kwargs(emb=True))
+
+
+def test_term_validation():
+  fn = lambda x: 0.0
+  with pytest.raises(ValueError, match="reads"):
+    losses.Term(fn, reads=("hidden",))
+  with pytest.raises(ValueError, match="reads"):
+    losses.Term(fn, reads="logits")
+  with pytest.raises(ValueError, match="attention_layers"):
+    losses.Term(fn, reads=("attention_scores",))
+  with pytest.raises(ValueError, match="attention_layers"):
+    losses.Term(fn, reads=("logits",), attention_layers="last")
+  with pytest.raises(ValueError, match="attention_layers"):
+    losses.Term(fn, reads=("attention_scores",), attention_layers="all")
+  with pytest.raises(ValueError, match="callable"):
+    losses.Term(None, reads=("logits",))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    losses.TERMS["att"].doc = "x"
+
+
+def test_mlm_weights_passed_to_terms(rng, monkeypatch):
+  """``mlm_weights`` (batch mlm_weights x example weight) reaches the MLM terms."""
+  P, V = 3, 5
+  stu = Out(logits=rng.normal(size=(B, P, V)).astype(np.float32))
+  tea = Out(logits=rng.normal(size=(B, P, V)).astype(np.float32))
+  mw = (rng.random((B, P)) > 0.3).astype(np.float32)
+  batch = {"attention_mask": MASK, "example_mask": WEIGHTS, "mlm_weights": mw,
+           "mlm_labels": rng.integers(0, V, size=(B, P))}
+  seen = []
+  monkeypatch.setitem(losses.TERMS, "toy", losses.Term(
+      lambda x: seen.append(x) or jnp.zeros(()), reads=("logits",), mlm=True))
+  _, terms = losses.distillation_loss(stu, tea, batch, weights={"mlm_mse": 1.0, "toy": 1.0},
+                                      layer_map=(1,))
+  np.testing.assert_array_equal(seen[0].mlm_weights, mw * WEIGHTS[:, None])
+  np.testing.assert_array_equal(terms["mlm_mse"], losses.mlm_mse(stu.logits, tea.logits,
+                                                                 mw * WEIGHTS[:, None]))

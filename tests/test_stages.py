@@ -1,0 +1,306 @@
+"""The one loop across stage kinds: SIGTERM at every point of a multi-stage run, unpadding
+in general_distill, the general student exported as a masked LM, the workdir lock, and a
+damaged latest checkpoint. All on synthetic data (no real data needed)."""
+
+import collections
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import checkpoints, config_base, evaluation, stages, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory, synthetic_data_dir):
+  from conftest import make_tiny_model_dir
+  return make_tiny_model_dir(tmp_path_factory.mktemp("small") / "model", synthetic_data_dir,
+                             layers=2, heads=2)
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  """A persistent compilation cache for this test: reruns compile the same functions."""
+  from jax.experimental.compilation_cache import compilation_cache
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()
+
+
+def run_config(model_dir, data_dir, stages_=("finetune_teacher", "general_distill", "distill")):
+  """Teacher, general student and its KD fine-tuning: 4 steps each, eval and save every 2."""
+  config = config_base.base_config()
+  config.model = str(model_dir)
+  config.stages = stages_
+  config.data.data_dir = str(data_dir)
+  config.data.languages = ("english", "arabic")
+  config.data.train_fraction = 0.05
+  config.data.eval_fraction = 0.05   # 2 evaluation batches per split
+  config.data.max_length = 64
+  config.data.buckets = (64,)
+  config.general.tsm_languages = ("english",)
+  config.general.max_length = 64
+  config.general.buckets = (64,)
+  config.general.heldout_size = 24
+  for name in ("teacher", "general", "student"):
+    config[name].train = config_base.train_config(
+        batch_size=8, eval_batch_size=16, num_train_steps=4, learning_rate=1e-3,
+        eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1)
+  config.student.num_layers = 1
+  config.student.init = "from_general" if "general_distill" in stages_ else "from_teacher"
+  return config
+
+
+class Signals:
+  """Sends this process a SIGTERM at one chosen point of a run: the `nth` time `hook` is
+  reached in `stage`. Hooks: "build" (a stage is being set up), "step" (inside a train
+  step), "save_latest" (after the loop read the flag, before the save), "save_kept" (a
+  best / final save), "eval:<split>" (between two evaluation batches), "write:<split>"
+  (a result file was just written). Counts the train steps run after the signal."""
+
+  def __init__(self, monkeypatch):
+    self.target, self.stage, self.split = None, None, None
+    self.fired, self.steps_after, self.counts = False, 0, collections.Counter()
+    build, make_step = stages.build, train.make_train_step
+
+    def spy_build(name, *a, **k):
+      self.stage = name
+      self.hit("build")
+      return build(name, *a, **k)
+
+    def spy_make_step(*a, **k):
+      step_fn = make_step(*a, **k)
+
+      def step(*args):
+        self.steps_after += self.fired
+        self.hit("step")
+        return step_fn(*args)
+      return step
+    monkeypatch.setattr(stages, "build", spy_build)
+    monkeypatch.setattr(train, "make_train_step", spy_make_step)
+    for name in ("save_latest", "save_kept"):
+      original = getattr(checkpoints.StageCheckpoints, name)
+      monkeypatch.setattr(checkpoints.StageCheckpoints, name,
+                          lambda ckpt, *a, _o=original, _n=name: (self.hit(_n), _o(ckpt, *a)))
+    for cls in (evaluation.ClassificationEvaluator, evaluation.MLMEvaluator):
+      call, write = cls.__call__, cls.write
+
+      def spy_call(ev, params, step, interrupt=None, _call=call):
+        self.split = ev.split
+        return _call(ev, params, step, interrupt)
+
+      def spy_write(ev, *a, _write=write):
+        _write(ev, *a)
+        self.hit(f"write:{ev.split}")
+      monkeypatch.setattr(cls, "__call__", spy_call)
+      monkeypatch.setattr(cls, "write", spy_write)
+    eval_batches = evaluation._eval_batches
+
+    def spy_eval_batches(*a):
+      for i, batch in enumerate(eval_batches(*a)):
+        yield batch
+        if i == 0:
+          self.hit(f"eval:{self.split}")
+    monkeypatch.setattr(evaluation, "_eval_batches", spy_eval_batches)
+
+  def arm(self, stage, hook, nth=1):
+    self.target, self.fired, self.steps_after = (stage, hook, nth), False, 0
+    self.counts.clear()
+
+  def hit(self, hook):
+    if self.target is None or self.fired or self.target[:2] != (self.stage, hook):
+      return
+    self.counts[hook] += 1
+    if self.counts[hook] == self.target[2]:
+      self.fired = True
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+# (stage, hook, nth): each run of the same command is stopped at the next point.
+STOPS = [
+    ("finetune_teacher", "step", 2),          # inside a step
+    ("finetune_teacher", "save_latest", 1),   # between reading the flag and saving (step 4)
+    ("finetune_teacher", "eval:val", 1),      # during an evaluation
+    ("finetune_teacher", "eval:test", 1),     # during the test evaluation
+    ("finetune_teacher", "write:test", 1),    # between stages: the teacher just finished
+    ("general_distill", "build", 1),          # between stages: while the next one loads
+    ("general_distill", "step", 1),
+    ("general_distill", "eval:heldout", 1),   # during an evaluation (step 2)
+    ("general_distill", "eval:heldout", 2),   # during the final held-out evaluation
+    ("distill", "save_kept", 1),              # during a checkpoint save (best at step 2)
+    ("distill", "step", 1),
+    ("distill", "eval:test", 1),
+]
+
+
+def test_sigterm_at_every_point_then_resume(small_model_dir, synthetic_data_dir, tmp_path,
+                                            monkeypatch, compile_cache):
+  config = run_config(small_model_dir, synthetic_data_dir)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  assert full["general_distill"]["step"] == 4 and full["distill"]["step"] in (2, 4)
+
+  signals = Signals(monkeypatch)
+  stops = []
+  for stage, hook, nth in STOPS:
+    signals.arm(stage, hook, nth)
+    results = train.train_and_evaluate(config, tmp_path / "run")
+    assert signals.fired, (stage, hook, nth)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    stopped = [s for s, r in results.items() if not r]
+    stops.append((stage, hook, nth, stopped, signals.steps_after))
+    # Stopped within one step: the run returns, the stage (or the next) is unfinished.
+    assert len(stopped) == 1 and list(results)[-1] == stopped[0], stops[-1]
+    assert signals.steps_after <= 1, stops[-1]
+  signals.arm(None, None)
+  resumed = train.train_and_evaluate(config, tmp_path / "run")
+  for stage in config.stages:
+    for key in ("overall", "per_language", "per_source", "step"):
+      assert resumed[stage].get(key) == full[stage].get(key), (stage, key)
+  a = checkpoints.restore_stage_params(tmp_path / "full" / "student")
+  b = checkpoints.restore_stage_params(tmp_path / "run" / "student")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert (tmp_path / "run" / "results.md").read_text() == (
+      tmp_path / "full" / "results.md").read_text().replace(str(tmp_path / "full"),
+                                                            str(tmp_path / "run"))
+  assert not (tmp_path / "run" / checkpoints.LOCK_FILE).exists()
+
+  # The general_distill student exports as a masked LM that transformers loads.
+  import torch
+  import transformers
+
+  from kd_jax import export, hf_io
+  out = export.main(["--workdir", str(tmp_path / "full"), "--stage", "general",
+                     "--out", str(tmp_path / "exported")])
+  hf = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  assert type(hf).__name__.endswith("ForMaskedLM")
+  cfg, _ = checkpoints.load_model_config(tmp_path / "full" / "general")
+  params = checkpoints.restore_stage_params(tmp_path / "full" / "general")
+  tokenizer = hf_io.load_tokenizer(out)
+  enc = tokenizer(["a small test sentence", "another one here ok"], padding=True,
+                  return_tensors="np")
+  from kd_jax.models.encoder import Encoder
+  ours = Encoder(cfg).apply({"params": params}, enc["input_ids"], enc["attention_mask"]).logits
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(enc["input_ids"]),
+                attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+  mask = enc["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[mask], theirs[mask], atol=2e-4, rtol=1e-4)
+
+
+def test_unpad_reaches_the_general_distill_step(small_model_dir, synthetic_data_dir,
+                                                tmp_path, monkeypatch):
+  config = run_config(small_model_dir, synthetic_data_dir, stages_=("general_distill",))
+  config.unpad = True
+  config.general.train.num_train_steps = 2
+  seen = []
+  make_step = train.make_train_step
+
+  def spy(*a, **k):
+    step_fn = make_step(*a, **k)
+
+    def step(state, teacher_params, batch, rng):
+      seen.append((batch["token_index"].shape, batch["input_ids"].shape,
+                   "masked_positions" in batch))
+      return step_fn(state, teacher_params, batch, rng)
+    return step
+  monkeypatch.setattr(train, "make_train_step", spy)
+  result = train.train_and_evaluate(config, tmp_path)["general_distill"]
+  assert result["step"] == 2 and len(seen) == 2
+  for (groups, budget), (rows, length), masked in seen:
+    assert groups == 1 and budget < rows * length and masked
+
+
+def _teacher_only(model_dir, data_dir):
+  config = run_config(model_dir, data_dir, stages_=("finetune_teacher",))
+  config.teacher.train.num_train_steps = 6
+  return config
+
+
+def test_a_held_workdir_is_refused_and_a_stale_lock_taken_over(
+    small_model_dir, synthetic_data_dir, tmp_path, caplog, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = workdir / checkpoints.LOCK_FILE
+  # A live holder (this process): kd_jax.main refuses before doing anything.
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+  proc = subprocess.run(
+      [sys.executable, "-m", "kd_jax.main", "--config", "configs/default.py",
+       "--workdir", str(workdir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"pid {os.getpid()}" in proc.stderr and "held by a live run" in proc.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == [checkpoints.LOCK_FILE]
+
+  # A run in progress holds it; a second one is refused and the first finishes unharmed.
+  lock.unlink()
+  config = _teacher_only(small_model_dir, synthetic_data_dir)
+  seen = []
+  build = stages.build
+
+  def second_run_during_build(*a, **k):
+    with pytest.raises(checkpoints.WorkdirLockedError, match="held by a live run"):
+      train.train_and_evaluate(config, workdir)
+    seen.append(json.loads(lock.read_text()))
+    return build(*a, **k)
+  monkeypatch.setattr(stages, "build", second_run_during_build)
+  first = train.train_and_evaluate(config, workdir)["finetune_teacher"]
+  monkeypatch.setattr(stages, "build", build)
+  assert seen == [dict(seen[0], host=socket.gethostname(), pid=os.getpid())]
+  assert first["step"] in (2, 4, 6) and (workdir / "teacher" / "test.json").exists()
+  assert not lock.exists()
+
+  # A lock left by a dead process is taken over, with a warning.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+  with caplog.at_level(logging.WARNING):
+    again = train.train_and_evaluate(config, workdir)["finetune_teacher"]
+  assert again["overall"] == first["overall"]  # finished: read back, not retrained
+  assert f"stale lock of pid {dead.pid}" in caplog.text
+  assert not lock.exists()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(
+    small_model_dir, synthetic_data_dir, tmp_path, caplog, compile_cache):
+  config = _teacher_only(small_model_dir, synthetic_data_dir)
+  full = train.train_and_evaluate(config, tmp_path / "full")["finetune_teacher"]
+  config.teacher.train.stop_after_steps = 5  # killed after step 5: latest holds 2 and 4
+  assert train.train_and_evaluate(config, tmp_path / "run")["finetune_teacher"] == {}
+  latest = tmp_path / "run" / "teacher" / "checkpoints" / "latest"
+  assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2, 4]
+  truncated = 0
+  for path in (latest / "4").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+      truncated += 1
+  assert truncated > 0
+  config.teacher.train.stop_after_steps = -1
+  with caplog.at_level(logging.WARNING):
+    resumed = train.train_and_evaluate(config, tmp_path / "run")["finetune_teacher"]
+  assert "skipped and deleted damaged step(s) [4]" in caplog.text
+  assert f"{latest}/4 does not restore" in caplog.text
+  for key in ("overall", "per_language", "step"):
+    assert resumed[key] == full[key], key
+
+  # Every step damaged: a clear error, never a silent restart from step 0.
+  for step in (4, 6):
+    for path in (latest / str(step)).rglob("*"):
+      if path.is_file():
+        path.write_bytes(b"")
+  (tmp_path / "run" / "teacher" / "test.json").unlink()
+  with pytest.raises(checkpoints.CheckpointError, match="no saved step restores"):
+    train.train_and_evaluate(config, tmp_path / "run")
