@@ -38,7 +38,7 @@ _MAX_POSITIONS = 512
 class ConfigError(ValueError):
   """A config field (or flag) whose value kd_jax cannot run; the message names the field.
   Raised before any stage trains (`config_base.validate_config`,
-  `train.check_before_training`); `kd_jax.main` prints it as one line."""
+  `stages.check_all`, `stages.build`); `kd_jax.main` prints it as one line."""
 
 
 class MissingPathError(ConfigError, FileNotFoundError):
@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
       layer_map=(),               # explicit 1-based teacher layer per student layer
   ))
 
-  # general_distill stage (train.run_general_stage): task-agnostic distillation with masked
+  # general_distill stage (stages.build_general_distill): task-agnostic distillation with masked
   # language modelling on unlabeled text -> <workdir>/general. The student has the
   # architecture of config.student (num_layers, hidden_size, layer maps) and an MLM head
   # tied to its word embeddings; start task training from it with

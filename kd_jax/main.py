@@ -78,10 +78,11 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
   logging.info("config:\n%s", FLAGS.config)
+  from kd_jax.checkpoints import CheckpointError
   from kd_jax.config_base import ConfigError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:  # raised before any training; the message names the field
+  except (ConfigError, CheckpointError) as e:  # before any training; names the field or file
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -309,7 +309,7 @@ def _schedule(section: str, tc: ml_collections.ConfigDict, data: batching.Tokeni
   return (tc.num_train_steps if tc.num_train_steps > 0 else math.ceil(tc.num_epochs * spe)), spe
 
 
-def _unpad(config: ml_collections.ConfigDict, mesh) -> tuple[Callable, ...]:
+def unpad_transforms(config: ml_collections.ConfigDict, mesh) -> tuple[Callable, ...]:
   """With `config.unpad`, the transform adding "token_index" (`unpad.token_index`, one
   group per batch shard of `mesh`, budget a multiple of `config.unpad_multiple`, or with
   0 of `unpad.default_multiple`: a sixteenth of a shard's positions). The batch is the
@@ -357,7 +357,7 @@ def init_student(strategy: str, cfg: EncoderConfig, init_rng, head_rng, *,
   return {**params, **fresh}, provenance
 
 
-def _general_student_config(config: ml_collections.ConfigDict, general_dir: epath.Path,
+def general_student_config(config: ml_collections.ConfigDict, general_dir: epath.Path,
                             num_classes: int) -> tuple[EncoderConfig, dict]:
   """(classification EncoderConfig, model_config.json) of the general_distill student in
   `general_dir`. Raises MissingPathError / ConfigError naming the directory."""
@@ -428,7 +428,7 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
       projections=_projections(model_cfg, teacher_cfg, objective.weights, rngs["proj"]),
       teachers=teachers, objective=objective,
       batches=BatchStream(data["train"], tc.batch_size, tuple(config.data.buckets),
-                          tokenizer.pad_token_id, config.seed, _unpad(config, mesh)),
+                          tokenizer.pad_token_id, config.seed, unpad_transforms(config, mesh)),
       evaluator=evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs),
       final_evaluator=evaluation.ClassificationEvaluator(eval_model, data["test"], "test",
                                                          **kwargs),
@@ -476,7 +476,7 @@ def build_distill(config, workdir, mesh) -> StagePlan:
       host_teachers.append((cfg, checkpoints.restore_stage_params(teacher_dir, cfg)))
   layer_map, loss_layer_map = (), ()
   if from_general:
-    model_cfg, general_info = _general_student_config(config, general_dir, num_classes)
+    model_cfg, general_info = general_student_config(config, general_dir, num_classes)
     layer_map = tuple(general_info.get("layer_map", ()))
   else:
     model_cfg = student_config(host_teachers[0][0], sc)
@@ -576,7 +576,7 @@ def build_general_distill(config, workdir, mesh) -> StagePlan:
       teachers=teachers,
       objective=Objective(weights, tuple(loss_layer_map), "mse", float(gc.temperature)),
       batches=BatchStream(data.train, tc.batch_size, tuple(gc.buckets), tokenizer.pad_token_id,
-                          config.seed, (mask,) + _unpad(config, mesh)),
+                          config.seed, (mask,) + unpad_transforms(config, mesh)),
       evaluator=heldout, final_evaluator=heldout, keep="final", nonfinite=config.nonfinite,
       dropout_rng=dropout_rng,
       info={"stage": "general_distill", "base_model": config.model, "teacher": teacher_name,

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real data directory and a tiny BERT-shaped model directory."""
+"""Shared fixtures: the real data directory, a synthetic one in the same layout, and tiny
+BERT-shaped model directories whose tokenizers are trained on either."""
 
+import csv
 import json
 import os
 import pathlib
@@ -10,8 +12,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# Set to 1 to run the tests as if there were no real data (real_data_dir skips).
+NO_REAL_DATA_ENV = "KD_JAX_TEST_NO_REAL_DATA"
+
+
 def data_dir() -> pathlib.Path | None:
-  """$KD_JAX_DATA_DIR, else ../shared/data beside the project."""
+  """$KD_JAX_DATA_DIR, else ../shared/data beside the project; None with
+  $KD_JAX_TEST_NO_REAL_DATA=1."""
+  if os.environ.get(NO_REAL_DATA_ENV) == "1":
+    return None
   for candidate in (os.environ.get("KD_JAX_DATA_DIR"), ROOT.parent / "shared" / "data"):
     if candidate and pathlib.Path(candidate, "xlmt").is_dir():
       return pathlib.Path(candidate).absolute()  # tests may change the current directory
@@ -26,15 +35,23 @@ def real_data_dir():
   return d
 
 
-def save_tiny_wordpiece_tokenizer(out: pathlib.Path, data: pathlib.Path):
-  """Trains a 400-token WordPiece tokenizer (BERT specials, [CLS] x [SEP]) on tsm text of
-  4 languages, saves it into `out` and returns the `tokenizers.Tokenizer`."""
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
-
+def tiny_tokenizer_texts(data: pathlib.Path) -> list[str]:
+  """The tokenizer's training text: the first 300 train tweets of 4 languages of the
+  tsm folder `data` (the real data or `write_synthetic_data`'s)."""
   texts = []
   for lang in ("english", "spanish", "arabic", "hindi"):
     texts += (data / "xlmt" / lang / "train_text.txt").read_text().split("\n")[:300]
+  return texts
+
+
+def save_tiny_wordpiece_tokenizer(out: pathlib.Path, data: pathlib.Path):
+  """Trains a 400-token WordPiece tokenizer (BERT specials, [CLS] x [SEP]) on
+  `tiny_tokenizer_texts(data)`, saves it into `out` and returns the
+  `tokenizers.Tokenizer`."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  texts = tiny_tokenizer_texts(data)
   tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
   tok.normalizer = normalizers.BertNormalizer(lowercase=True)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -51,7 +68,8 @@ def save_tiny_wordpiece_tokenizer(out: pathlib.Path, data: pathlib.Path):
 
 def make_tiny_model_dir(out: pathlib.Path, data: pathlib.Path, *, hidden=32, layers=4, heads=4,
                         seed=0) -> pathlib.Path:
-  """A small WordPiece tokenizer trained on tsm text and a random BERT base checkpoint."""
+  """A small WordPiece tokenizer trained on the tsm text of `data` (real or synthetic)
+  and a random BERT base checkpoint."""
   import jax
 
   from kd_jax import hf_io
@@ -78,3 +96,146 @@ def make_tiny_model_dir(out: pathlib.Path, data: pathlib.Path, *, hidden=32, lay
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, real_data_dir):
   return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", real_data_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_model_dir(tmp_path_factory, synthetic_data_dir):
+  """`tiny_model_dir` with the tokenizer trained on the synthetic texts: needs no real data."""
+  return make_tiny_model_dir(tmp_path_factory.mktemp("synthetic_tiny") / "model",
+                             synthetic_data_dir)
+
+
+# ---------------------------------------------------------------------------
+# synthetic data in the on-disk layout of the real folder
+# ---------------------------------------------------------------------------
+# Rows per language and split, as the real tsm (so fractions give the same counts:
+# 5% of train = 92, 10% of test = 87).
+SYNTHETIC_TSM_SIZES = {"train": 1839, "val": 324, "test": 870}
+SYNTHETIC_SIB200_LANGUAGES = ("eng_Latn",)
+SYNTHETIC_SIB200_SIZES = {"train": 701, "dev": 99, "test": 204}   # as the real SIB-200
+SIB200_CATEGORIES = ("science/technology", "travel", "politics", "sports", "health",
+                     "entertainment", "geography")
+
+# Per language: how a pseudo-word is spelt. Latin languages: syllables (consonant, vowel,
+# sometimes a final consonant) from their own letters; arabic: runs of Arabic letters;
+# hindi: Devanagari consonants with vowel signs. So every language has its own words and
+# the tokenizer (trained on english, spanish, arabic, hindi) splits them differently.
+_LATIN = {
+    "english": ("bcdfghklmnprstvwy", "aeiou"),
+    "spanish": ("bcdfgjlmnprstvzñ", "aeiouáéó"),
+    "french": ("bcdfgjlmnprstvzç", "aeiouéèê"),
+    "german": ("bcdfghkmnprstwz", "aeiouäöü"),
+    "italian": ("bcdfglmnprstvz", "aeiouàò"),
+    "portuguese": ("bcdfgjlmnprstvx", "aeiouãõâ"),
+}
+_ARABIC_LETTERS = "ابتثجحخدذرزسشصضطظعغفقكلمنهوي"
+_DEVANAGARI_CONSONANTS = "कखगघचछजझटठडढणतथदधनपफबभमयरलवशषसह"
+_DEVANAGARI_SIGNS = "ािीोौ"   # spacing vowel signs: BERT's accent stripping keeps them
+
+
+def _pseudo_word(rng: np.random.Generator, language: str) -> str:
+  pick = lambda letters: letters[rng.integers(len(letters))]
+  if language == "arabic":
+    return "".join(pick(_ARABIC_LETTERS) for _ in range(rng.integers(2, 6)))
+  if language == "hindi":
+    return "".join(pick(_DEVANAGARI_CONSONANTS) + (pick(_DEVANAGARI_SIGNS)
+                                                    if rng.random() < 0.6 else "")
+                   for _ in range(rng.integers(1, 4)))
+  consonants, vowels = _LATIN[language]
+  word = ""
+  for _ in range(rng.integers(1, 4)):
+    word += pick(consonants) + pick(vowels)
+    if rng.random() < 0.3:
+      word += pick(consonants)
+  return word
+
+
+def _vocabulary(rng: np.random.Generator, language: str, num_classes: int,
+                common: int = 150, per_class: int = 25) -> tuple[list[str], list[list[str]]]:
+  """Distinct pseudo-words: a common pool and one pool per class."""
+  words: list[str] = []
+  seen = set()
+  while len(words) < common + num_classes * per_class:
+    w = _pseudo_word(rng, language)
+    if w not in seen:
+      seen.add(w)
+      words.append(w)
+  pools = [words[common + c * per_class:common + (c + 1) * per_class]
+           for c in range(num_classes)]
+  return words[:common], pools
+
+
+def _sentences(rng: np.random.Generator, labels: np.ndarray, common: list[str],
+               pools: list[list[str]], class_prob: float = 0.3) -> list[str]:
+  """One sentence per label: 4-18 pseudo-words, each from the label's pool with
+  probability `class_prob`, else from the common pool (Zipf-like weights); sometimes a
+  hashtag or a final "!" / "?" / "..."."""
+  zipf = 1.0 / np.arange(3, len(common) + 3)
+  zipf /= zipf.sum()
+  endings = ("", "", "!", "?", "...")
+  out = []
+  for label in labels:
+    n = int(rng.integers(4, 19))
+    from_class = rng.random(n) < class_prob
+    common_ids = rng.choice(len(common), size=n, p=zipf)
+    class_ids = rng.integers(len(pools[label]), size=n)
+    words = [pools[label][j] if c else common[i]
+             for c, i, j in zip(from_class, common_ids, class_ids)]
+    if rng.random() < 0.2:
+      words.append("#" + words[int(rng.integers(n))])
+    out.append(" ".join(words) + endings[int(rng.integers(len(endings)))])
+  return out
+
+
+def _balanced_labels(rng: np.random.Generator, n: int, num_classes: int) -> np.ndarray:
+  return rng.permutation(np.arange(n) % num_classes)
+
+
+def write_synthetic_data(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+  """Writes a deterministic (numpy, `seed`) stand-in for the real data folder into `out`
+  and returns `out`:
+
+  * ``xlmt/<language>/{train,val,test}_{text,labels}.txt`` for the 8 tsm languages,
+    `SYNTHETIC_TSM_SIZES` rows each, labels 0/1/2 balanced, one text / label per line
+    and no trailing newline (as the real files);
+  * ``sib200/eng_Latn/{train,dev,test}.tsv`` (header ``index_id, category, text``),
+    `SYNTHETIC_SIB200_SIZES` rows, for the general-distillation tests.
+
+  Texts are pseudo-word sentences whose words depend on the language and, partly, on the
+  label, so a model can learn something.
+  """
+  from kd_jax.data.tsm import TSM_LABELS, TSM_LANGUAGES
+
+  for lang_index, language in enumerate(TSM_LANGUAGES):
+    rng = np.random.default_rng((seed, 0, lang_index))
+    common, pools = _vocabulary(rng, language, len(TSM_LABELS))
+    lang_dir = out / "xlmt" / language
+    lang_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in SYNTHETIC_TSM_SIZES.items():
+      labels = _balanced_labels(rng, n, len(TSM_LABELS))
+      texts = _sentences(rng, labels, common, pools)
+      (lang_dir / f"{split}_text.txt").write_text("\n".join(texts), encoding="utf-8")
+      (lang_dir / f"{split}_labels.txt").write_text("\n".join(map(str, labels)))
+  for lang_index, language in enumerate(SYNTHETIC_SIB200_LANGUAGES):
+    rng = np.random.default_rng((seed, 1, lang_index))
+    common, pools = _vocabulary(rng, "english", len(SIB200_CATEGORIES))
+    lang_dir = out / "sib200" / language
+    lang_dir.mkdir(parents=True, exist_ok=True)
+    index_ids = rng.permutation(sum(SYNTHETIC_SIB200_SIZES.values()))
+    start = 0
+    for split, n in SYNTHETIC_SIB200_SIZES.items():
+      labels = _balanced_labels(rng, n, len(SIB200_CATEGORIES))
+      texts = _sentences(rng, labels, common, pools)
+      with open(lang_dir / f"{split}.tsv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(("index_id", "category", "text"))
+        for i, label, t in zip(index_ids[start:start + n], labels, texts):
+          writer.writerow((int(i), SIB200_CATEGORIES[label], t))
+      start += n
+  return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory):
+  """A synthetic data folder in the real folder's layout (`write_synthetic_data`)."""
+  return write_synthetic_data(tmp_path_factory.mktemp("synthetic") / "data")

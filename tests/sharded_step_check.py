@@ -76,10 +76,10 @@ def main():
     state, state_sharding = train.create_train_state({"model": student_params, "proj": proj},
                                                      tx, mesh)
     teacher_sharding = sharding.param_shardings(teacher_params, mesh)
-    step = train.make_train_step(Encoder(scfg), Encoder(tcfg), tx, weights=weights,
+    step = train.make_train_step(Encoder(scfg), (Encoder(tcfg),), tx, weights=weights,
                                  layer_map=layer_map, prediction_loss="mse", temperature=1.0,
                                  mesh=mesh, state_sharding=state_sharding,
-                                 teacher_sharding=teacher_sharding)
+                                 teacher_sharding=(teacher_sharding,))
     b = batch
     if unpadded:
       b = dict(batch, token_index=unpad.token_index(batch["attention_mask"],
@@ -88,7 +88,7 @@ def main():
     teacher = sharding.shard_tree(teacher_params, teacher_sharding)
     rng = sharding.replicate(jax.random.PRNGKey(42), mesh)
     for _ in range(2):
-      state, metrics = step(state, teacher, sharded, rng)
+      state, metrics = step(state, (teacher,), sharded, rng)
     report = _sharding_report(state)
     report["teacher_intermediate_spec"] = list(
         teacher["layer_0"]["intermediate"]["kernel"].sharding.spec)

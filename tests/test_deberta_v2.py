@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
-from kd_jax import export, hf_io, student_init, train
+from kd_jax import export, hf_io, stages, student_init
 from kd_jax.models import deberta_v2
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
@@ -81,14 +81,11 @@ def _hf_forward_with_scores(model, ids, mask, types):
       captured.append(x.detach().clone())
     return softmax(x, *args, **kwargs)
 
-  torch.nn.functional.softmax = recording_softmax
-  try:
-    with torch.no_grad():
-      out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                  token_type_ids=None if types is None else torch.tensor(types, dtype=torch.long),
-                  output_hidden_states=True, output_attentions=True)
-  finally:
-    torch.nn.functional.softmax = softmax
+  with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+    patch.setattr(torch.nn.functional, "softmax", recording_softmax)
+    out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                token_type_ids=None if types is None else torch.tensor(types, dtype=torch.long),
+                output_hidden_states=True, output_attentions=True)
   return out, captured
 
 
@@ -206,7 +203,7 @@ def _student(kind, config, params):
   a shape template (eval_shape: no compute)."""
   sc = ml_collections.ConfigDict({"num_layers": 6, "init": "from_teacher",
                                   "hidden_size": 16 if kind == "narrow" else 0})
-  cfg = train.student_config(config, sc)
+  cfg = stages.student_config(config, sc)
   if kind == "narrow":
     assert (cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (16, 2, 32)
   template = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(1)))

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
-from kd_jax import export, hf_io, student_init, train  # noqa: E402
+from kd_jax import checkpoints, export, hf_io, stages, student_init, train  # noqa: E402
 from kd_jax.models.encoder import Encoder, init_params  # noqa: E402
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -77,7 +77,7 @@ def _student(kind, config, params):
     cfg = config.replace(num_layers=2)
   else:
     sc = ml_collections.ConfigDict(dict(num_layers=2, hidden_size=16, init="from_teacher"))
-    cfg = train.student_config(config, sc)
+    cfg = stages.student_config(config, sc)
     assert (cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (16, 2, 32)
   random = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
   student, _ = student_init.init_student("from_teacher", random, teacher_params=params,
@@ -214,8 +214,8 @@ def test_export_stage_after_tiny_training(tiny_model_dir, real_data_dir, tmp_pat
   teacher_out = export.export_stage(workdir / "teacher", tmp_path / "teacher")
   assert json.loads((teacher_out / "config.json").read_text())["num_hidden_layers"] == 4
 
-  cfg, _ = train._load_model_config(workdir / "student")
-  params = train.restore_best_params(workdir / "student", cfg)
+  cfg, _ = checkpoints.load_model_config(workdir / "student")
+  params = checkpoints.restore_stage_params(workdir / "student", cfg)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
   enc = tokenizer(["good morning", "this is not good at all, really"], padding=True,
                   return_tensors="np")

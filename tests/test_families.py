@@ -143,11 +143,11 @@ def teacher12(request, tmp_path_factory):
 
 
 def _student(kind, config, params):
-  from kd_jax import train
+  from kd_jax import stages
   if kind == "deep":
     cfg = config.replace(num_layers=6)
   else:
-    cfg = train.student_config(config, ml_collections.ConfigDict(
+    cfg = stages.student_config(config, ml_collections.ConfigDict(
         {"num_layers": 6, "hidden_size": 16, "init": "from_teacher"}))
     assert (cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (16, 2, 32)
   random = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
@@ -334,7 +334,7 @@ def make_tiny_distilbert_dir(out: pathlib.Path, data: pathlib.Path, layers=4) ->
 
 
 def test_distilbert_distilled_end_to_end(real_data_dir, tmp_path):
-  from kd_jax import train
+  from kd_jax import checkpoints, train
   teacher_dir = make_tiny_distilbert_dir(tmp_path / "distilbert", real_data_dir)
   spec = importlib.util.spec_from_file_location("default", ROOT / "configs" / "default.py")
   module = importlib.util.module_from_spec(spec)
@@ -364,8 +364,8 @@ def test_distilbert_distilled_end_to_end(real_data_dir, tmp_path):
   out = export.main(["--workdir", str(workdir), "--out", str(tmp_path / "student")])
   hf = json.loads((out / "config.json").read_text())
   assert hf["architectures"] == ["DistilBertForSequenceClassification"] and hf["n_layers"] == 2
-  cfg, _ = train._load_model_config(workdir / "student")
-  params = train.restore_best_params(workdir / "student", cfg)
+  cfg, _ = checkpoints.load_model_config(workdir / "student")
+  params = checkpoints.restore_stage_params(workdir / "student", cfg)
   assert "token_type_embeddings" not in params["embeddings"]
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
   enc = tokenizer(["good morning", "this is not good at all, really"], padding=True,

@@ -280,10 +280,11 @@ def test_loss_registry_names_mlm_terms():
 # the general_distill stage end to end, then task training from its weights
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_model_dir(tmp_path_factory, real_data_dir):
-  """A 2-layer version of conftest's tiny model (the step functions compile faster)."""
+def small_model_dir(tmp_path_factory, synthetic_data_dir):
+  """A 2-layer version of conftest's synthetic tiny model (the step functions compile
+  faster)."""
   from conftest import make_tiny_model_dir
-  return make_tiny_model_dir(tmp_path_factory.mktemp("small") / "model", real_data_dir,
+  return make_tiny_model_dir(tmp_path_factory.mktemp("small") / "model", synthetic_data_dir,
                              layers=2, heads=2)
 
 
@@ -337,25 +338,22 @@ def compile_cache(tmp_path):
 def _fake_teacher_dir(out, model_dir, seed, noise):
   """A finetune_teacher stage dir without training: the tiny model with a random
   3-class head, its weights perturbed by `noise` (so two teachers differ)."""
-  import orbax.checkpoint as ocp
-
-  from kd_jax import hf_io, train
+  from kd_jax import checkpoints, hf_io
   cfg, params, _ = hf_io.load_pretrained(str(model_dir), num_labels=3,
                                          init_rng=jax.random.PRNGKey(seed))
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: x + noise * rng.normal(size=x.shape).astype(x.dtype), params)
   out.mkdir(parents=True)
-  train._save_model_config(out, cfg, {"stage": "finetune_teacher"})
-  best = train._best_params_manager(out, create=True)
-  best.save(1, args=ocp.args.StandardSave(params), metrics={"val_macro_f1": 0.0})
-  best.wait_until_finished()
+  checkpoints.save_model_config(out, cfg, {"stage": "finetune_teacher"})
+  with checkpoints.StageCheckpoints(out, "best") as ckpt:
+    ckpt.save_kept(1, params, score=0.0)
   return out
 
 
-def test_general_distill_resume_then_finetune(small_model_dir, real_data_dir, tmp_path,
+def test_general_distill_resume_then_finetune(small_model_dir, synthetic_data_dir, tmp_path,
                                               compile_cache):
   from kd_jax import train
-  config = general_config(small_model_dir, real_data_dir)
+  config = general_config(small_model_dir, synthetic_data_dir)
   full = train.train_and_evaluate(config, tmp_path / "full")["general_distill"]
   general_dir = tmp_path / "full" / "general"
   assert full["step"] == 4 and full["overall"]["num_masked"] > 0
@@ -392,7 +390,11 @@ def test_general_distill_resume_then_finetune(small_model_dir, real_data_dir, tm
   assert saved["encoder"]["head"] == "sequence" and saved["encoder"]["num_labels"] == 3
   assert saved["init"] == "from_general" and saved["layer_map"] == [2]
   # what it started from: the general weights, MLM head dropped, a fresh classifier
-  _, params, _ = train.load_general_student(config, tmp_path, 3, jax.random.PRNGKey(0))
+  from kd_jax import stages
+  cfg, _ = stages.general_student_config(config, general_dir, 3)
+  params, _ = stages.init_student("from_general", cfg, None, jax.random.PRNGKey(0),
+                                  config=config, teacher_params=None, layer_map=(),
+                                  general_dir=general_dir)
   assert "lm_head" not in params and params["classifier"]["kernel"].shape == (32, 3)
   jax.tree.map(np.testing.assert_array_equal, params["layer_0"], final["layer_0"])
   jax.tree.map(np.testing.assert_array_equal, params["embeddings"], final["embeddings"])
@@ -417,7 +419,7 @@ def test_general_distill_resume_then_finetune(small_model_dir, real_data_dir, tm
 
   # KL + cosine + MLM needs a teacher with an MLM head: the general student is one; the
   # pretrained tiny BERT (BertModel, no head) is refused before any step.
-  config = general_config(small_model_dir, real_data_dir, teacher=str(general_dir))
+  config = general_config(small_model_dir, synthetic_data_dir, teacher=str(general_dir))
   config.general.weights.update(att=0.0, hid=0.0, embd=0.0, mlm_kl=1.0, cos=1.0, mlm=1.0)
   config.general.train.num_train_steps = 2
   result = train.train_and_evaluate(config, tmp_path / "mlm_teacher")["general_distill"]
@@ -460,8 +462,8 @@ def test_two_teachers_equal_one_teacher_on_mean_logits():
   step = train.make_train_step(student, (t1, t2), tx, weights={"pred": 1.0}, layer_map=(None,) * 2,
                                prediction_loss="kl", temperature=2.0, mesh=mesh,
                                state_sharding=state_sharding,
-                               teacher_sharding=[sharding.replicated(mesh)] * 2)
-  _, metrics = step(state, [params[1], params[2]], sharding.shard_global_batch(batch, mesh),
+                               teacher_sharding=(sharding.replicated(mesh),) * 2)
+  _, metrics = step(state, (params[1], params[2]), sharding.shard_global_batch(batch, mesh),
                     jax.random.PRNGKey(0))
   apply = jax.jit(lambda c, p: Encoder(c).apply({"params": p}, ids, mask).logits,
                   static_argnums=0)
@@ -485,13 +487,13 @@ def train_config_for_test():
 def test_config_validation_of_general_fields():
   import importlib.util
 
-  from kd_jax import config_base, train
+  from kd_jax import config_base
   spec = importlib.util.spec_from_file_location(
       "general_distill", pathlib.Path(__file__).parents[1] / "configs" / "general_distill.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  train.validate_config(config)
+  config_base.validate_config(config)
   assert config.stages == ("general_distill", "distill")
   assert config.student.init == "from_general" and config.general.tsm_languages
   for field, value, message in [
@@ -509,32 +511,32 @@ def test_config_validation_of_general_fields():
       node = node[part]
     node[key] = value
     if message is None:  # still has tsm text
-      train.validate_config(bad)
+      config_base.validate_config(bad)
       continue
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-      train.validate_config(bad)
+      config_base.validate_config(bad)
   bad = module.get_config()
   bad.general.tsm_languages = ()
   bad.general.sib200_languages = ()
   with pytest.raises(ValueError, match="config.general: no text"):
-    train.validate_config(bad)
+    config_base.validate_config(bad)
   bad = config_base.base_config()
   bad.distill.weights.unlock()
   bad.distill.weights.mlm = 1.0
   with pytest.raises(ValueError, match="config.distill.weights.mlm: MLM terms need masked text"):
-    train.validate_config(bad)
+    config_base.validate_config(bad)
   bad = config_base.base_config()
   bad.general.weights.unlock()
   bad.general.weights.clf = 1.0   # no labels in unlabeled text
   with pytest.raises(ValueError, match="config.general.weights='clf' is not valid"):
-    train.validate_config(bad)
+    config_base.validate_config(bad)
   # several teachers: "a,b" on the command line or a tuple in a config file
-  assert train._split_checkpoints("runs/a/teacher, runs/b/teacher") == ("runs/a/teacher",
+  assert config_base.split_checkpoints("runs/a/teacher, runs/b/teacher") == ("runs/a/teacher",
                                                                        "runs/b/teacher")
-  assert train._split_checkpoints(("x", "y")) == ("x", "y") and train._split_checkpoints("") == ()
+  assert config_base.split_checkpoints(("x", "y")) == ("x", "y") and config_base.split_checkpoints("") == ()
   config = config_base.base_config()
   config.teacher.checkpoint = "a,b"
   with pytest.raises(ValueError, match="names 2 teachers"):
-    train.validate_config(config)
+    config_base.validate_config(config)
   config.distill.kd = False  # NON-KD ignores the teachers' terms
-  train.validate_config(config)
+  config_base.validate_config(config)

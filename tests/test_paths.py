@@ -14,7 +14,7 @@ import pytest
 from etils import epath
 from etils.epath import gpath, testing as epath_testing
 
-from kd_jax import config_base, export, paths, train, vocab
+from kd_jax import checkpoints, config_base, export, paths, train, vocab
 from kd_jax.config_base import ConfigError
 
 ROOT = epath.Path(__file__).parent.parent
@@ -185,8 +185,8 @@ def test_gs_workdir_through_mocked_epath(newcomer_dir, tmp_path_factory, monkeyp
     return [p.replace(os.fspath(bucket), "gs://bucket", 1) for p in found]
 
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-  manager = train.ocp.CheckpointManager
-  monkeypatch.setattr(train.ocp, "CheckpointManager",
+  manager = checkpoints.ocp.CheckpointManager
+  monkeypatch.setattr(checkpoints.ocp, "CheckpointManager",
                       lambda directory, *a, **k: manager(epath.Path(local(directory)), *a, **k))
   writer = metric_writers.create_default_writer
   monkeypatch.setattr(metric_writers, "create_default_writer",

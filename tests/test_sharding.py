@@ -43,19 +43,19 @@ def test_mesh_shape_resolves_rest_and_names_fields():
 
 def test_mesh_config_validated_before_training():
   config = config_base.base_config()
-  train.validate_config(config)
+  config_base.validate_config(config)
   config.mesh.tensor = -1
   with pytest.raises(ValueError, match="only one of data, fsdp, tensor may be -1"):
-    train.validate_config(config)
+    config_base.validate_config(config)
   config = config_base.base_config()
   config.mesh.fsdp = 0
   with pytest.raises(ValueError, match=r"config.mesh.fsdp=0"):
-    train.validate_config(config)
+    config_base.validate_config(config)
   for field, value in (("precision", "fp16"), ("nonfinite", "ignore")):
     config = config_base.base_config()
     config[field] = value
     with pytest.raises(ValueError, match=f"config.{field}='{value}' is not valid"):
-      train.validate_config(config)
+      config_base.validate_config(config)
 
 
 def _families():
@@ -195,10 +195,10 @@ def _step_fn(setup, dtype=jnp.float32, nonfinite="stop", lr=1e-3, remat=False,
   teacher_sharding = sharding.param_shardings(setup["teacher"], mesh)
   step = train.make_train_step(
       Encoder(student_cfg.replace(dtype=dtype), remat=remat, scan_layers=scan_layers),
-      Encoder(TEACHER_CFG.replace(dtype=dtype), scan_layers=scan_layers), tx,
+      (Encoder(TEACHER_CFG.replace(dtype=dtype), scan_layers=scan_layers),), tx,
       weights=WEIGHTS, layer_map=setup["layer_map"], prediction_loss="mse", temperature=1.0,
-      mesh=mesh, state_sharding=state_sharding, teacher_sharding=teacher_sharding)
-  teacher = sharding.shard_tree(setup["teacher"], teacher_sharding)
+      mesh=mesh, state_sharding=state_sharding, teacher_sharding=(teacher_sharding,))
+  teacher = (sharding.shard_tree(setup["teacher"], teacher_sharding),)
   rng = sharding.replicate(jax.random.PRNGKey(3), mesh)
   return state, lambda state, batch: step(state, teacher, sharding.shard_global_batch(batch, mesh),
                                           rng)

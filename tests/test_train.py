@@ -1,4 +1,5 @@
-"""The loop end to end on a tiny model and real tsm slices: results, exact resume, bad input."""
+"""The loop end to end on a tiny model and synthetic tsm slices (conftest's
+synthetic_data_dir: the real layout and row counts): results, exact resume, bad input."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kd_jax import config_base, train
+from kd_jax import config_base, losses, stages, train
 from kd_jax.data.tsm import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,8 +41,9 @@ def _latest_params(stage_dir):
   return mngr.latest_step(), restored
 
 
-def test_both_stages_then_exact_resume(tiny_model_dir, real_data_dir, tmp_path):
-  config = tiny_config(tiny_model_dir, real_data_dir)
+def test_both_stages_then_exact_resume(synthetic_model_dir, synthetic_data_dir, tmp_path,
+                                       monkeypatch):
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   full = train.train_and_evaluate(config, tmp_path / "full")
   teacher, student = full["finetune_teacher"], full["distill"]
   for metrics in (teacher, student):
@@ -85,13 +87,11 @@ def test_both_stages_then_exact_resume(tiny_model_dir, real_data_dir, tmp_path):
       return step_fn(*a)
     return wrapped
 
-  train.make_train_step = make_step_sending_sigterm
-  try:
-    config.stages = ("distill",)
-    config.teacher.checkpoint = str(tmp_path / "full" / "teacher")
-    assert train.train_and_evaluate(config, preempted_dir)["distill"] == {}
-  finally:
-    train.make_train_step = make_step
+  monkeypatch.setattr(train, "make_train_step", make_step_sending_sigterm)
+  config.stages = ("distill",)
+  config.teacher.checkpoint = str(tmp_path / "full" / "teacher")
+  assert train.train_and_evaluate(config, preempted_dir)["distill"] == {}
+  monkeypatch.undo()  # the rerun below steps with the real make_train_step
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   assert _latest_params(preempted_dir / "student")[0] == 4
   finished = train.train_and_evaluate(config, preempted_dir)
@@ -100,8 +100,8 @@ def test_both_stages_then_exact_resume(tiny_model_dir, real_data_dir, tmp_path):
                _latest_params(preempted_dir / "student")[1]["params"])
 
 
-def test_non_kd_narrow_student_from_base(tiny_model_dir, real_data_dir, tmp_path):
-  config = tiny_config(tiny_model_dir, real_data_dir, init="from_base", hidden_size=16)
+def test_non_kd_narrow_student_from_base(synthetic_model_dir, synthetic_data_dir, tmp_path):
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir, init="from_base", hidden_size=16)
   config.distill.kd = False
   config.student.train.num_train_steps = 2
   train.train_and_evaluate(config, tmp_path)
@@ -109,21 +109,21 @@ def test_non_kd_narrow_student_from_base(tiny_model_dir, real_data_dir, tmp_path
   assert (saved["hidden_size"], saved["num_heads"], saved["intermediate_size"]) == (16, 2, 32)
 
 
-def test_kd_narrow_student_uses_projections_unpadded(tiny_model_dir, real_data_dir, tmp_path,
-                                                    monkeypatch):
+def test_kd_narrow_student_uses_projections_unpadded(synthetic_model_dir, synthetic_data_dir,
+                                                    tmp_path, monkeypatch):
   """A narrower student trains its projections W; with config.unpad, where every
   training step of both stages gets a token_index whose budget (a multiple of
   unpad_multiple) is below the padded batch's positions."""
   calls = []
-  token_index = train.unpad.token_index
+  token_index = stages.unpad.token_index
 
   def spy(mask, groups, multiple):
     out = token_index(mask, groups, multiple)
     calls.append((mask.size, multiple, out.size))
     return out
 
-  monkeypatch.setattr(train.unpad, "token_index", spy)
-  config = tiny_config(tiny_model_dir, real_data_dir, hidden_size=16)
+  monkeypatch.setattr(stages.unpad, "token_index", spy)
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir, hidden_size=16)
   config.unpad, config.unpad_multiple = True, 8
   config.teacher.train.num_train_steps = 2
   config.student.train.num_train_steps = 2
@@ -144,31 +144,31 @@ def test_kd_narrow_student_uses_projections_unpadded(tiny_model_dir, real_data_d
     ("data.languages", ("klingon",), "config.data.languages='klingon'"),
     ("data.buckets", (32, 100), "buckets"),
 ])
-def test_bad_config_values(field, value, message, tiny_model_dir, real_data_dir):
-  config = tiny_config(tiny_model_dir, real_data_dir)
+def test_bad_config_values(field, value, message, synthetic_model_dir, synthetic_data_dir):
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   section, _, key = field.rpartition(".")
   (config[section] if section else config)[key] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-    train.validate_config(config)
+    config_base.validate_config(config)
 
 
-def test_unknown_weight_term(tiny_model_dir, real_data_dir):
-  config = tiny_config(tiny_model_dir, real_data_dir)
+def test_unknown_weight_term(synthetic_model_dir, synthetic_data_dir):
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   with config.distill.weights.unlocked():
     config.distill.weights.attn = 1.0
   with pytest.raises(ValueError, match="config.distill.weights='attn'"):
-    train.validate_config(config)
+    config_base.validate_config(config)
 
 
-def test_bad_input_stops_before_training_and_keeps_workdir(tiny_model_dir, real_data_dir,
-                                                          tmp_path):
+def test_bad_input_stops_before_training_and_keeps_workdir(synthetic_model_dir,
+                                                          synthetic_data_dir, tmp_path):
   (tmp_path / "notes.txt").write_text("keep me")
-  config = tiny_config(tiny_model_dir, real_data_dir)
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   config.data.data_dir = str(tmp_path / "no_such_dir")
   with pytest.raises(DataError, match="no_such_dir"):
     train.train_and_evaluate(config, tmp_path)
   # A distill stage pointed at a directory without a finished teacher.
-  config = tiny_config(tiny_model_dir, real_data_dir)
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   config.stages = ("distill",)
   config.teacher.checkpoint = str(tmp_path / "missing_teacher")
   with pytest.raises(FileNotFoundError, match="missing_teacher.*model_config.json"):
@@ -177,8 +177,8 @@ def test_bad_input_stops_before_training_and_keeps_workdir(tiny_model_dir, real_
   assert not (tmp_path / "student" / "checkpoints").exists()
 
 
-def test_teacher_checkpoint_mismatch(tiny_model_dir, real_data_dir, tmp_path):
-  config = tiny_config(tiny_model_dir, real_data_dir)
+def test_teacher_checkpoint_mismatch(synthetic_model_dir, synthetic_data_dir, tmp_path):
+  config = tiny_config(synthetic_model_dir, synthetic_data_dir)
   config.stages = ("finetune_teacher",)
   config.teacher.train.num_train_steps = 2
   train.train_and_evaluate(config, tmp_path)
@@ -197,7 +197,7 @@ def test_configs_validate(name):
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  train.validate_config(module.get_config())
+  config_base.validate_config(module.get_config())
 
 
 def test_configs_validate_new_objectives():
@@ -208,12 +208,12 @@ def test_configs_validate_new_objectives():
   # the default objective is unchanged: the new terms are off
   assert {k for k, v in config.distill.weights.items() if v > 0} == {
       "att", "hid", "embd", "pred", "clf"}
-  train.validate_config(config)
+  config_base.validate_config(config)
   config.distill.layer_map_strategy = "last"
   config.student.layer_map_strategy = "top"
   config.distill.alpha = 0.2
   config.distill.weights.minilm = 1.0
-  train.validate_config(config)
+  config_base.validate_config(config)
   for field, value, message in [
       ("student.layer_map_strategy", "last", "config.student.layer_map_strategy='last'"),
       ("student.layer_map_strategy", "skip", "config.student.layer_map_strategy='skip'"),
@@ -228,7 +228,7 @@ def test_configs_validate_new_objectives():
       node = node[part]
     node[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-      train.validate_config(bad)
+      config_base.validate_config(bad)
 
 
 def test_outputs_needed():
@@ -236,7 +236,7 @@ def test_outputs_needed():
   lmap = (2, 4, None, 12)  # 4-layer student, 12-layer teacher; student layer 3 unmapped
 
   def needed(weights):
-    return train._outputs_needed(weights, lmap, 4, 12)
+    return losses.outputs_needed(weights, lmap, 4, 12)
 
   none = dict(output_embeddings=False, output_hidden_states=False,
               output_attention_scores=(), output_values=False)

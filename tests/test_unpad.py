@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import config_base, sharding, student_init, train
+from kd_jax import config_base, sharding, stages, student_init, train
 from kd_jax.models import unpad
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 
@@ -192,14 +192,14 @@ def test_unpadded_train_step_equals_padded_without_dropout():
   def run(cfg_changes, token_index):
     state, state_sharding = train.create_train_state({"model": student, "proj": {}}, tx, mesh)
     step = train.make_train_step(Encoder(student_cfg.replace(**cfg_changes)),
-                                 Encoder(teacher_cfg.replace(**cfg_changes)), tx,
+                                 (Encoder(teacher_cfg.replace(**cfg_changes)),), tx,
                                  weights=weights, layer_map=layer_map, prediction_loss="mse",
                                  temperature=1.0, mesh=mesh, state_sharding=state_sharding)
     b = batch if token_index is None else dict(batch, token_index=token_index)
     b = sharding.shard_global_batch(b, mesh)
     rng = sharding.replicate(jax.random.PRNGKey(3), mesh)
     for _ in range(2):
-      state, metrics = step(state, teacher, b, rng)
+      state, metrics = step(state, (teacher,), b, rng)
     return state, jax.device_get(metrics)
 
   index = unpad.token_index(mask, 1, multiple=T)
@@ -226,12 +226,12 @@ def test_config_unpad_adds_token_index_per_batch_shard():
   config = config_base.base_config()
   batch = {"attention_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 1]]), "input_ids": np.ones((2, 4))}
   mesh = sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-  assert "token_index" not in train._maybe_unpad(batch, config, mesh)
+  assert stages.unpad_transforms(config, mesh) == ()
   config.unpad = True
-  np.testing.assert_array_equal(train._maybe_unpad(batch, config, mesh)["token_index"],
+  np.testing.assert_array_equal(stages.unpad_transforms(config, mesh)[0](batch, 0)["token_index"],
                                 [[0, 1, 4, 5, 6, 7]])  # 0: multiples of 8/16 -> 1 token
   config.unpad_multiple = 3
-  assert train._maybe_unpad(batch, config, mesh)["token_index"].shape == (1, 6)
+  assert stages.unpad_transforms(config, mesh)[0](batch, 0)["token_index"].shape == (1, 6)
   config.unpad_multiple = -1
   with pytest.raises(ValueError, match="config.unpad_multiple=-1"):
-    train.validate_config(config)
+    config_base.validate_config(config)
