@@ -42,6 +42,7 @@ FINISHED_FILES = {"finetune_teacher": "test.json", "general_distill": "heldout.j
 # What a stage keeps as its result: "best" by val score, or "final" (the last step).
 KEEP = {"finetune_teacher": "best", "general_distill": "final", "distill": "best"}
 LOCK_FILE = "kd_jax.lock"
+_HELD_LOCKS: set[str] = set()  # lock files this process holds
 LATEST_TO_KEEP = 2  # the newest, and the one before it should the newest not restore
 
 
@@ -279,9 +280,11 @@ class WorkdirLock:
   """`<workdir>/kd_jax.lock`, held for the whole run by the primary process.
 
   A second run started on a workdir that a live run holds raises WorkdirLockedError
-  naming the holder (host, pid) before it writes anything. A lock left by a dead process
-  on this host (SIGKILL, a crash) is taken over with a warning; one from another host
-  cannot be checked and is refused (the message says to delete it if that run is gone).
+  naming the holder (host, pid) before it writes anything (also a second run in the same
+  process). A lock left by a dead process on this host (SIGKILL, a crash; or a pid that
+  is now this process's, as in a restarted container) is taken over with a warning; one
+  from another host cannot be checked and is refused (the message says to delete it if
+  that run is gone).
   On a local file system the lock is created atomically (O_EXCL); on an object store
   (gs://) it is a best-effort check-then-write.
   """
@@ -313,6 +316,7 @@ class WorkdirLock:
     for _ in range(3):
       if self._create():
         self._held = True
+        _HELD_LOCKS.add(os.fspath(self.path))
         return self
       try:
         holder = read_json(self.path)
@@ -320,19 +324,22 @@ class WorkdirLock:
         time.sleep(0.2)
         continue
       same_host = holder.get("host") == self.owner["host"]
-      if not same_host or _alive(int(holder.get("pid", -1))):
+      pid = int(holder.get("pid", -1))
+      mine = pid == self.owner["pid"]
+      if not same_host or (os.fspath(self.path) in _HELD_LOCKS if mine else _alive(pid)):
         raise WorkdirLockedError(
             f"{self.path}: the workdir is held by a live run (host {holder.get('host')}, pid "
             f"{holder.get('pid')}, started {holder.get('started')}); wait for it, or use "
             "another --workdir" + ("" if same_host else "; if that run is gone, delete the "
                                    "lock file"))
-      logging.warning("%s: taking over a stale lock of pid %s (no such process on %s)",
+      logging.warning("%s: taking over a stale lock of pid %s (no run of it is alive on %s)",
                       self.path, holder.get("pid"), holder.get("host"))
       self.path.unlink(missing_ok=True)
     raise WorkdirLockedError(f"{self.path}: could not create the lock file")
 
   def __exit__(self, *exc):
     if self._held:
+      _HELD_LOCKS.discard(os.fspath(self.path))
       try:
         if read_json(self.path).get("pid") == self.owner["pid"]:
           self.path.unlink(missing_ok=True)

@@ -239,7 +239,9 @@ class _Evaluations:
 
   def __init__(self, plan: stages.StagePlan, ckpt: checkpoints.StageCheckpoints, writer,
                guard: PreemptionGuard):
-    self.plan, self.ckpt, self.writer, self.guard = plan, ckpt, writer, guard
+    self.plan, self.ckpt, self.writer = plan, ckpt, writer
+    # Evaluations are collective across processes; only a lone process may stop inside one.
+    self.interrupt = (lambda: guard.requested) if jax.process_count() == 1 else None
     self.best_score, self.best_metrics = -math.inf, None
     val = plan.stage_dir / "val.json"  # written after the best save finished
     if plan.keep == "best" and ckpt.kept_step() is not None and val.exists():
@@ -257,11 +259,12 @@ class _Evaluations:
     evaluation short (nothing kept: the resumed run evaluates this step again)."""
     evaluator = self.plan.evaluator
     try:
-      scalars, score = evaluator(params, step, interrupt=lambda: self.guard.requested)
+      scalars, score = evaluator(params, step, interrupt=self.interrupt)
     except evaluation.Interrupted:
       return False
     self.writer.write_scalars(step, scalars)
-    logging.info("step %d %s (best %.2f)", step, evaluator.summary(), self.best_score)
+    best = f" (best {self.best_score:.2f})" if self.plan.keep == "best" else ""
+    logging.info("step %d %s%s", step, evaluator.summary(), best)
     if self.plan.keep == "best" and score > self.best_score:
       self.best_score, self.best_metrics = score, dict(evaluator.metrics, step=step)
       self.ckpt.save_kept(step, params, score)  # val.json never names an unfinished save
@@ -282,7 +285,7 @@ class _Evaluations:
       if ckpt.kept_step() != step:
         ckpt.save_kept(step, params)
     try:
-      scalars, _ = plan.final_evaluator(params, kept, interrupt=lambda: self.guard.requested)
+      scalars, _ = plan.final_evaluator(params, kept, interrupt=self.interrupt)
     except evaluation.Interrupted:
       return {}
     metrics = dict(plan.final_evaluator.metrics, step=kept, stage=plan.name, **plan.result_info)

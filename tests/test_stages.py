@@ -272,6 +272,11 @@ def test_a_held_workdir_is_refused_and_a_stale_lock_taken_over(
   assert again["overall"] == first["overall"]  # finished: read back, not retrained
   assert f"stale lock of pid {dead.pid}" in caplog.text
   assert not lock.exists()
+  # This process's own pid in a lock it does not hold (a pid reused after a restart).
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(config, workdir)["finetune_teacher"] == again
+  assert f"stale lock of pid {os.getpid()}" in caplog.text and not lock.exists()
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_one_before(
