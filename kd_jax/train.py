@@ -394,10 +394,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   config_base.validate_config(config)
   config, workdir = paths.resolve_config(config, workdir)
+  mesh = sharding.create_mesh_from_config(config.mesh)
+  stages.check_all(config, workdir, mesh)  # before the lock: a config error writes nothing
   results = {}
   with checkpoints.WorkdirLock(workdir), PreemptionGuard() as guard:
-    mesh = sharding.create_mesh_from_config(config.mesh)
-    stages.check_all(config, workdir, mesh)
     for name in config.stages:
       finished = checkpoints.finished_file(workdir, name)
       if finished.exists():
