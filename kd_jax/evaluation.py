@@ -16,6 +16,7 @@ training data) and "unseen" (zero-shot cross-lingual) groups.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -303,6 +304,14 @@ class ClassificationEvaluator:
     scalars.update({f"{s}/macro_f1/{lang}": v["macro_f1"]
                     for lang, v in m["per_language"].items()})
     return scalars, m["overall"]["macro_f1"]
+
+  def on(self, data: batching.TokenizedData, split: str) -> "ClassificationEvaluator":
+    """The same evaluator on another split, sharing the compiled predict (one compilation
+    per bucket for val and test)."""
+    other = copy.copy(self)
+    other.data, other.split, other.metrics = data, split, {}
+    other.language_names = list(data.language_order)
+    return other
 
   def summary(self) -> str:
     return f"{self.split} macro-F1 {self.metrics['overall']['macro_f1']:.2f}"

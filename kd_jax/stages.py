@@ -421,6 +421,7 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
                 pad_id=tokenizer.pad_token_id, mesh=mesh, num_classes=len(labels),
                 seen_languages=tuple(config.data.seen_languages) or None)
   teacher_cfg = teachers[0].model.config if teachers else None
+  val = evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs)
   return StagePlan(
       name=name, stage_dir=checkpoints.stage_dir(workdir, name), train=tc, num_steps=num_steps,
       steps_per_epoch=spe, model_config=model_cfg, student=student,
@@ -429,9 +430,7 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
       teachers=teachers, objective=objective,
       batches=BatchStream(data["train"], tc.batch_size, tuple(config.data.buckets),
                           tokenizer.pad_token_id, config.seed, unpad_transforms(config, mesh)),
-      evaluator=evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs),
-      final_evaluator=evaluation.ClassificationEvaluator(eval_model, data["test"], "test",
-                                                         **kwargs),
+      evaluator=val, final_evaluator=val.on(data["test"], "test"),
       keep="best", nonfinite=config.nonfinite, dropout_rng=rngs["dropout"],
       info=dict(info, stage=name, base_model=config.model, data=config.data.name,
                 labels=list(labels)),
