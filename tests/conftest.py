@@ -239,3 +239,20 @@ def write_synthetic_data(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
 def synthetic_data_dir(tmp_path_factory):
   """A synthetic data folder in the real folder's layout (`write_synthetic_data`)."""
   return write_synthetic_data(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  """A persistent compilation cache for this test only: the resumed and repeated runs
+  compile the same step functions as the first run (new closures, same HLO)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()

@@ -319,22 +319,6 @@ def _ckpt(stage_dir, which):
   return mngr.latest_step(), mngr.restore(mngr.latest_step())
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-  """A persistent compilation cache for this test only: the resumed and repeated runs
-  compile the same step functions as the first run (new closures, same HLO)."""
-  from jax.experimental.compilation_cache import compilation_cache
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  compilation_cache.reset_cache()
-
-
 def _fake_teacher_dir(out, model_dir, seed, noise):
   """A finetune_teacher stage dir without training: the tiny model with a random
   3-class head, its weights perturbed by `noise` (so two teachers differ)."""

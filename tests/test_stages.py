@@ -27,21 +27,6 @@ def small_model_dir(tmp_path_factory, synthetic_data_dir):
                              layers=2, heads=2)
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-  """A persistent compilation cache for this test: reruns compile the same functions."""
-  from jax.experimental.compilation_cache import compilation_cache
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  compilation_cache.reset_cache()
-
-
 def run_config(model_dir, data_dir, stages_=("finetune_teacher", "general_distill", "distill")):
   """Teacher, general student and its KD fine-tuning: 4 steps each, eval and save every 2."""
   config = config_base.base_config()
