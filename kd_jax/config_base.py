@@ -13,8 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from kd_jax import losses, sharding, student_init
-from kd_jax.data import batching
-from kd_jax.data.tsm import TSM_LABELS, TSM_LANGUAGES
+from kd_jax.data import batching, tasks
 
 # The stages of config.stages, in the order they run.
 STAGES = ("finetune_teacher", "general_distill", "distill")
@@ -28,9 +27,6 @@ INIT_STRATEGIES = ("from_scratch", "from_base", "from_teacher", "from_general")
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # config.nonfinite: what a step with a non-finite loss term or gradient does.
 NONFINITE_MODES = ("stop", "skip")
-# config.data.name -> (label names, known languages). The readers stay with the training
-# code (tsm -> kd_jax.data.tsm.load_tsm), so the config needs no I/O module.
-TASKS = {"tsm": (TSM_LABELS, TSM_LANGUAGES)}
 # Longest sequence the position embeddings cover (data.max_length, general.max_length).
 _MAX_POSITIONS = 512
 
@@ -77,12 +73,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.attention_dropout = 0.1
 
   config.data = ml_collections.ConfigDict(dict(
-      name="tsm",
-      data_dir="",                # "" -> $KD_JAX_DATA_DIR -> hub copy through `datasets`
-      languages=TSM_LANGUAGES,    # evaluated languages (and trained, unless train_languages)
-      train_languages=(),         # e.g. seen languages only, for zero-shot transfer
-      seen_languages=(),          # reported as seen/unseen averages when set
-      train_fraction=1.0,         # per-language share of train kept (seeded)
+      # kd_jax.data.tasks: tsm | sib200 | massive | uner | hf:<id or dir>[:<config>]
+      # (a "{language}" config: one per language) | tfds:<name>[/<config>] | files:<glob>
+      task="tsm",
+      # "" -> $KD_JAX_DATA_DIR (the folder of xlmt/, sib200/, massive/, uner/) -> the hub
+      # copy through `datasets`; tfds: the TFDS data dir.
+      data_dir="",
+      # Columns of hf / tfds / files sources; "" -> text|sentence, label, tokens,
+      # tags|ner_tags, no text_pair, no language column (every example in language "all").
+      columns=ml_collections.ConfigDict(dict(text="", text_pair="", label="", language="",
+                                             tokens="", tags="")),
+      label_kind="",              # "" -> token when tokens and tags columns exist, else sequence
+      label_names=(),             # () -> the source's ClassLabel names, else sorted train values
+      languages=(),               # evaluated (and trained, unless train_languages); () -> all
+      train_languages=(),         # e.g. seen languages only, ("english",) for Tables 3-4
+      seen_languages=(),          # reported as seen; () -> train_languages when set
+      unseen_languages=(),        # evaluated only (zero-shot), added to languages
+      train_fraction=1.0,         # per-language share of train kept (seeded, stratified)
       eval_fraction=1.0,          # per-language share of val and test kept
       max_length=128,
       buckets=(32, 64, 128),      # batches are padded to the smallest bucket that fits
@@ -247,13 +254,21 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
-  """config.data: the task, its languages, buckets and max_length."""
+  """config.data: the task's name (its languages, columns and labels are checked when it
+  is read, kd_jax.data.tasks.load_task), label kind, fractions, buckets and max_length."""
   dc = config.data
-  _check("data.name", dc.name, TASKS)
-  _, known_languages = TASKS[dc.name]
-  for field in ("languages", "train_languages", "seen_languages"):
-    for lang in dc[field] or ():
-      _check(f"data.{field}", lang, known_languages)
+  try:
+    tasks.parse_task(dc.task)
+  except ValueError as e:
+    raise ConfigError(f"config.data.task={dc.task!r}: {e}") from e
+  _check("data.label_kind", dc.label_kind, ("",) + tasks.LABEL_KINDS)
+  for field in ("train_fraction", "eval_fraction"):
+    if not 0 < float(dc[field]) <= 1:
+      raise ConfigError(f"config.data.{field}={dc[field]} must be in (0, 1]")
+  for field in ("languages", "train_languages", "seen_languages", "unseen_languages"):
+    if isinstance(dc[field], str):
+      raise ConfigError(f"config.data.{field}={dc[field]!r} must be a tuple of languages, "
+                        f"e.g. ({dc[field]!r},)")
   _check_buckets("data", dc)
   _check_max_length("data", dc.max_length)
 
@@ -326,8 +341,6 @@ def _validate_general(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.general.heldout_size={gc.heldout_size} must be >= 1")
   _check_buckets("general", gc)
   _check_max_length("general", gc.max_length)
-  for lang in gc.tsm_languages:
-    _check("general.tsm_languages", lang, TSM_LANGUAGES)
   if not (gc.text_files or gc.tsm_languages or gc.sib200_languages):
     raise ConfigError("config.general: no text; set text_files, tsm_languages or "
                       "sib200_languages")

@@ -36,7 +36,6 @@ from etils import epath
 
 from kd_jax import hf_io, paths
 from kd_jax.config_base import STAGE_SECTIONS
-from kd_jax.data.tsm import TSM_LABELS
 from kd_jax.models.encoder import EncoderConfig, init_params
 
 # family -> (model_type, class with a classification head, base class)
@@ -300,14 +299,10 @@ def export_hf(params: Mapping, config: EncoderConfig, out_dir: str | os.PathLike
   return out_dir
 
 
-def stage_labels(info: Mapping, num_labels: int) -> tuple[str, ...] | None:
-  """Class names for a stage's model_config.json: its recorded `labels`, else tsm's
-  names for data "tsm" or (no record) any 3-class model, else None (LABEL_i)."""
-  if info.get("labels"):
-    return tuple(info["labels"])
-  if info.get("data") == "tsm" or (info.get("data") is None and num_labels == 3):
-    return TSM_LABELS
-  return None
+def stage_labels(info: Mapping) -> tuple[str, ...] | None:
+  """Class names of a stage: the `labels` its model_config.json records (the names of
+  the task that trained it, `tasks.TaskData.info`), else None (LABEL_i)."""
+  return tuple(info["labels"]) if info.get("labels") else None
 
 
 def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -318,8 +313,8 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   Reads `<stage_dir>/model_config.json`, restores `checkpoints/best` (or `final`), takes the
   tokenizer of the stage's `base_model` (resolved with hf_io.resolve_model_dir) unless
-  `tokenizer_dir` is given. Class names: `labels`, else those recorded for the stage
-  (tsm: negative / neutral / positive), else LABEL_i.
+  `tokenizer_dir` is given. Class names: `labels`, else those of the task that trained
+  the stage (recorded in model_config.json), else LABEL_i.
   Raises:
     FileNotFoundError: no model_config.json or no best checkpoint (names the path).
     FileExistsError, ValueError: as export_hf.
@@ -333,7 +328,7 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   if tokenizer_dir is None and info.get("base_model"):
     tokenizer_dir = hf_io.resolve_model_dir(info["base_model"])
   if labels is None:
-    labels = stage_labels(info, config.num_labels)
+    labels = stage_labels(info)
   return export_hf(params, config, out_dir, tokenizer_dir=tokenizer_dir, id2label=labels,
                    overwrite=overwrite)
 

@@ -1036,11 +1036,30 @@ class Term:
           f"attention_layers={self.attention_layers!r}")
 
 
+def _prediction_pairs(x: TermInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(student logits, teacher logits, weights) of the prediction terms: [B, C] logits
+  with the example weights, or, for a token head's [B, T, C], every real token as a row
+  ([B·T, C], weights attention_mask * example weight), so pred and soft_ce are
+  token-level for token tasks."""
+  s, t = x.student_out.logits, x.teacher_out.logits
+  if jnp.ndim(s) != 3:
+    return s, t, x.example_weights
+  rows = s.shape[0] * s.shape[1]
+  w = _f32(x.attention_mask) * _f32(x.example_weights)[:, None]
+  return s.reshape(rows, -1), jnp.reshape(t, (rows, -1)), w.reshape(rows)
+
+
 def _pred(x: TermInputs) -> jax.Array:
+  s, t, w = _prediction_pairs(x)
   if x.prediction_loss == "mse":
-    return logits_mse(x.student_out.logits, x.teacher_out.logits, x.example_weights)
-  return logits_kl(x.student_out.logits, x.teacher_out.logits, x.example_weights,
-                   x.temperature)
+    return logits_mse(s, t, w)
+  return logits_kl(s, t, w, x.temperature)
+
+
+def _clf(x: TermInputs) -> jax.Array:
+  if jnp.ndim(x.student_out.logits) == 3:  # token head: labels [B, T], -100 unscored
+    return token_cross_entropy(x.student_out.logits, x.batch["labels"])
+  return cross_entropy(x.student_out.logits, x.batch["labels"], x.example_weights)
 
 
 #: The loss terms of :func:`distillation_loss`, in the order they are computed
@@ -1069,13 +1088,12 @@ TERMS: dict[str, Term] = {
     "pred": Term(
         _pred, reads=("logits",),
         doc="logits MSE (eq. 4) if prediction_loss='mse', else tempered KL "
-            "(Hinton et al. 2015)"),
+            "(Hinton et al. 2015); per real token for a token head"),
     "soft_ce": Term(
-        lambda x: soft_cross_entropy(
-            x.student_out.logits, x.teacher_out.logits, x.example_weights,
-            x.temperature),
+        lambda x: soft_cross_entropy(*_prediction_pairs(x), x.temperature),
         reads=("logits",),
-        doc="soft-target cross-entropy with temperature (Hinton et al. 2015)"),
+        doc="soft-target cross-entropy with temperature (Hinton et al. 2015); per "
+            "real token for a token head"),
     "pkd": Term(
         lambda x: layerwise_cls_pkd(
             x.student_out.hidden_states, x.teacher_out.hidden_states, x.layer_map,
@@ -1102,10 +1120,9 @@ TERMS: dict[str, Term] = {
         reads=("attention_scores", "values"), attention_layers="last",
         doc="last-layer attention + value-relation KL (MiniLM, Wang et al. 2020)"),
     "clf": Term(
-        lambda x: cross_entropy(x.student_out.logits, x.batch["labels"],
-                                x.example_weights),
-        reads=("logits",), needs_teacher=False,
-        doc="cross-entropy against batch['labels'] (L_clf)"),
+        _clf, reads=("logits",), needs_teacher=False,
+        doc="cross-entropy against batch['labels'] (L_clf); [B, T] tags with "
+            "ignore index -100 for a token head"),
     "mlm": Term(
         lambda x: mlm_cross_entropy(x.student_out.logits, x.batch["mlm_labels"],
                                     x.mlm_weights),

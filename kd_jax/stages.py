@@ -34,14 +34,11 @@ import numpy as np
 from etils import epath
 
 from kd_jax import checkpoints, evaluation, hf_io, losses, masking, sharding, student_init
-from kd_jax.config_base import (PRECISIONS, STAGE_SECTIONS, TASKS, ConfigError,
-                                MissingPathError, split_checkpoints)
-from kd_jax.data import batching, text, tsm
+from kd_jax.config_base import (PRECISIONS, STAGE_SECTIONS, ConfigError, MissingPathError,
+                                split_checkpoints)
+from kd_jax.data import batching, tasks, text
 from kd_jax.models import unpad
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
-
-READERS = {"tsm": tsm.load_tsm}  # config.data.name -> reader(split, languages, ...)
-
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -180,14 +177,15 @@ def teacher_dirs(config: ml_collections.ConfigDict,
   return tuple(epath.Path(d) for d in dirs)
 
 
-def _teacher_config(teacher_dir: epath.Path, task: str, num_classes: int) -> EncoderConfig:
-  """A finished teacher stage's EncoderConfig; ConfigError when its head has another
-  number of classes than the task."""
+def _teacher_config(teacher_dir: epath.Path, task: str, head: str,
+                    num_classes: int) -> EncoderConfig:
+  """A finished teacher stage's EncoderConfig; ConfigError when its head is of another
+  kind (sequence / token) or has another number of classes than the task."""
   cfg, _ = checkpoints.load_model_config(teacher_dir)
-  if cfg.num_labels != num_classes:
-    raise ConfigError(f"{teacher_dir / 'model_config.json'}: teacher has num_labels="
-                      f"{cfg.num_labels} but {task} has {num_classes} classes "
-                      "(config.teacher.checkpoint)")
+  if cfg.num_labels != num_classes or cfg.head != head:
+    raise ConfigError(f"{teacher_dir / 'model_config.json'}: teacher has a {cfg.head} head "
+                      f"with num_labels={cfg.num_labels} but task {task!r} has {num_classes} "
+                      f"{head} labels (config.teacher.checkpoint)")
   return cfg
 
 
@@ -229,7 +227,8 @@ def check_all(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> N
       except ValueError as e:
         raise ConfigError(f"config.{section}.train.{field}={tc[field]} "
                           f"(stage {stage}, mesh {dict(mesh.shape)}): {e}") from e
-  num_classes = len(TASKS[config.data.name][0])
+  head, num_classes = (tasks.label_info(config.data)
+                       if {"finetune_teacher", "distill"} & set(config.stages) else (None, 0))
   if "general_distill" in config.stages:
     name, is_stage = _general_teacher_source(config)
     teacher_cfg = (checkpoints.load_model_config(epath.Path(name))[0] if is_stage else
@@ -244,9 +243,9 @@ def check_all(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> N
   trained_here = checkpoints.stage_dir(workdir, "finetune_teacher")
   for teacher_dir in teacher_dirs(config, workdir):
     if checkpoints.is_stage_dir(teacher_dir):
-      teacher_cfg = _teacher_config(teacher_dir, config.data.name, num_classes)
+      teacher_cfg = _teacher_config(teacher_dir, config.data.task, head, num_classes)
     elif teacher_dir == trained_here and "finetune_teacher" in config.stages:
-      teacher_cfg = _pretrained_config(config.model, num_classes)  # fine-tuning keeps it
+      teacher_cfg = _pretrained_config(config.model, num_classes, head)  # fine-tuning keeps it
     else:
       raise MissingPathError(
           f"{teacher_dir / 'model_config.json'} does not exist: config.teacher.checkpoint "
@@ -358,9 +357,11 @@ def init_student(strategy: str, cfg: EncoderConfig, init_rng, head_rng, *,
 
 
 def general_student_config(config: ml_collections.ConfigDict, general_dir: epath.Path,
-                            num_classes: int) -> tuple[EncoderConfig, dict]:
-  """(classification EncoderConfig, model_config.json) of the general_distill student in
-  `general_dir`. Raises MissingPathError / ConfigError naming the directory."""
+                            num_classes: int, head: str = "sequence"
+                            ) -> tuple[EncoderConfig, dict]:
+  """(EncoderConfig with a `head` classifier of `num_classes`, model_config.json) of the
+  general_distill student in `general_dir`. Raises MissingPathError / ConfigError naming
+  the directory."""
   if not checkpoints.is_stage_dir(general_dir):
     raise MissingPathError(
         f"{general_dir / 'model_config.json'} does not exist: config.student.init="
@@ -375,7 +376,7 @@ def general_student_config(config: ml_collections.ConfigDict, general_dir: epath
     raise ConfigError(f"{general_dir}: the general student has {cfg.num_layers} layers of "
                       f"width {cfg.hidden_size}, but config.student.num_layers="
                       f"{sc.num_layers}, config.student.hidden_size={sc.hidden_size}")
-  return cfg.replace(head="sequence", num_labels=num_classes), info
+  return cfg.replace(head=head, num_labels=num_classes), info
 
 
 def _from_general(general_dir: epath.Path, cfg: EncoderConfig, head_rng) -> dict:
@@ -391,35 +392,44 @@ def _from_general(general_dir: epath.Path, cfg: EncoderConfig, head_rng) -> dict
 # ---------------------------------------------------------------------------
 # the builders
 # ---------------------------------------------------------------------------
-def _task_data(config: ml_collections.ConfigDict, tokenizer) -> dict:
-  """Train/val/test of config.data, tokenised; every data error is raised here."""
-  dc = config.data
-  read = READERS[dc.name]
-  languages = tuple(dc.languages)
-  train_languages = tuple(dc.train_languages or languages)
+def _task_data(config: ml_collections.ConfigDict, tokenizer
+               ) -> tuple[tasks.TaskData, dict[str, batching.TokenizedData]]:
+  """config.data's task (`tasks.load_task`) and its train/val/test, tokenised; every data
+  error is raised here."""
+  task = tasks.load_task(config.data, config.seed)
+  max_length = config.data.max_length
 
-  def load(split, langs, fraction):
-    examples = read(split, langs, data_dir=dc.data_dir or None, fraction=fraction,
-                    seed=config.seed)
-    data = batching.tokenize_examples(examples, tokenizer, dc.max_length, languages)
+  def tokenize(split):
+    data = batching.tokenize_examples(task.splits[split], tokenizer, max_length,
+                                      task.languages)
     logging.info("data %s: %d examples, %d truncated at %d tokens (%.2f%%)", split, len(data),
-                 data.num_truncated, dc.max_length, 100 * data.truncated_fraction)
+                 data.num_truncated, max_length, 100 * data.truncated_fraction)
     return data
-  return {"train": load("train", train_languages, dc.train_fraction),
-          "val": load("val", languages, dc.eval_fraction),
-          "test": load("test", languages, dc.eval_fraction)}
+  return task, {split: tokenize(split) for split in tasks.SPLITS}
 
 
-def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer, data,
-                    model_cfg, params, teachers, objective, rngs, info) -> StagePlan:
-  """The plan of a stage that trains a sequence classifier (finetune_teacher, distill)."""
+def _teacher_metrics(config, workdir) -> list[dict]:
+  """The test results of the teacher stages of `distill` (for the students' retention);
+  [] where a teacher dir holds none."""
+  out = []
+  for teacher_dir in teacher_dirs(config, workdir):
+    path = teacher_dir / checkpoints.FINISHED_FILES["finetune_teacher"]
+    if path.exists():
+      out.append(checkpoints.read_json(path))
+  return out
+
+
+def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer, task, data,
+                    model_cfg, params, teachers, objective, rngs, info,
+                    teacher_metrics=()) -> StagePlan:
+  """The plan of a stage that trains a sequence or token classifier (finetune_teacher,
+  distill) on `task`; `teacher_metrics`: the teachers' test results (retention)."""
   tc = config[section].train
   num_steps, spe = _schedule(section, tc, data["train"], config.data.buckets)
   student, eval_model = _modules(config, model_cfg, _dropout(config))
-  labels = TASKS[config.data.name][0]
   kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
-                pad_id=tokenizer.pad_token_id, mesh=mesh, num_classes=len(labels),
-                seen_languages=tuple(config.data.seen_languages) or None)
+                pad_id=tokenizer.pad_token_id, mesh=mesh, label_names=task.label_names,
+                label_kind=task.label_kind, seen_languages=task.seen_languages or None)
   teacher_cfg = teachers[0].model.config if teachers else None
   val = evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs)
   return StagePlan(
@@ -430,10 +440,9 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
       teachers=teachers, objective=objective,
       batches=BatchStream(data["train"], tc.batch_size, tuple(config.data.buckets),
                           tokenizer.pad_token_id, config.seed, unpad_transforms(config, mesh)),
-      evaluator=val, final_evaluator=val.on(data["test"], "test"),
+      evaluator=val, final_evaluator=val.on(data["test"], "test", list(teacher_metrics)),
       keep="best", nonfinite=config.nonfinite, dropout_rng=rngs["dropout"],
-      info=dict(info, stage=name, base_model=config.model, data=config.data.name,
-                labels=list(labels)),
+      info=dict(info, stage=name, base_model=config.model, **task.info()),
       hparams={"stage": name, "num_train_steps": num_steps, "steps_per_epoch": spe,
                "train_examples": len(data["train"]),
                "train_truncated_fraction": data["train"].truncated_fraction},
@@ -449,12 +458,13 @@ def build_finetune_teacher(config, workdir, mesh) -> StagePlan:
   """The pretrained `config.model` with a fresh head, cross-entropy (config.teacher)."""
   rngs = _classification_rngs(config)
   tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(config.model))
-  data = _task_data(config, tokenizer)
+  task, data = _task_data(config, tokenizer)
   model_cfg, params, _ = hf_io.load_pretrained(
-      config.model, num_labels=len(TASKS[config.data.name][0]), init_rng=rngs["head"],
-      config_overrides=_dropout(config), head="sequence")
+      config.model, num_labels=task.num_labels, init_rng=rngs["head"],
+      config_overrides=_dropout(config), head=task.label_kind)
   return _classification("finetune_teacher", config, workdir, mesh, section="teacher",
-                         tokenizer=tokenizer, data=data, model_cfg=model_cfg, params=params,
+                         tokenizer=tokenizer, task=task, data=data, model_cfg=model_cfg,
+                         params=params,
                          teachers=(), objective=Objective({"clf": 1.0}), rngs=rngs,
                          info={"layer_map": [], "loss_layer_map": [], "init": None})
 
@@ -464,18 +474,19 @@ def build_distill(config, workdir, mesh) -> StagePlan:
   rngs = _classification_rngs(config)
   sc, dc = config.student, config.distill
   tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(config.model))
-  data = _task_data(config, tokenizer)
-  num_classes = len(TASKS[config.data.name][0])
+  task, data = _task_data(config, tokenizer)
+  num_classes = task.num_labels
   from_general = sc.init == "from_general"
   general_dir = epath.Path(sc.checkpoint or checkpoints.stage_dir(workdir, "general_distill"))
   host_teachers = []  # (EncoderConfig, host params); a from_general NON-KD run needs none
   if dc.kd or not from_general:
     for teacher_dir in teacher_dirs(config, workdir):
-      cfg = _teacher_config(teacher_dir, config.data.name, num_classes)
+      cfg = _teacher_config(teacher_dir, config.data.task, task.label_kind, num_classes)
       host_teachers.append((cfg, checkpoints.restore_stage_params(teacher_dir, cfg)))
   layer_map, loss_layer_map = (), ()
   if from_general:
-    model_cfg, general_info = general_student_config(config, general_dir, num_classes)
+    model_cfg, general_info = general_student_config(config, general_dir, num_classes,
+                                                     task.label_kind)
     layer_map = tuple(general_info.get("layer_map", ()))
   else:
     model_cfg = student_config(host_teachers[0][0], sc)
@@ -500,10 +511,11 @@ def build_distill(config, workdir, mesh) -> StagePlan:
                  len(host_teachers), objective.weights, objective.alpha, list(loss_layer_map))
     teachers = _place_teachers(config, host_teachers, mesh)
   return _classification("distill", config, workdir, mesh, section="student",
-                         tokenizer=tokenizer, data=data, model_cfg=model_cfg, params=params,
-                         teachers=teachers, objective=objective, rngs=rngs,
+                         tokenizer=tokenizer, task=task, data=data, model_cfg=model_cfg,
+                         params=params, teachers=teachers, objective=objective, rngs=rngs,
                          info={"layer_map": list(layer_map),
-                               "loss_layer_map": list(loss_layer_map), "init": sc.init})
+                               "loss_layer_map": list(loss_layer_map), "init": sc.init},
+                         teacher_metrics=_teacher_metrics(config, workdir))
 
 
 def load_general_teacher(config) -> tuple[EncoderConfig, dict, str]:

@@ -140,7 +140,8 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       kwargs["masked_positions"] = batch["masked_positions"]
     if "token_index" in batch:  # unpadded execution (kd_jax.models.unpad)
       kwargs["token_index"] = batch["token_index"]
-    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs)
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch.get("token_type_ids"), **kwargs)
 
   def train_step(state: TrainState, teacher_params, batch, rng):
     teacher_out = None
@@ -246,7 +247,7 @@ class _Evaluations:
     val = plan.stage_dir / "val.json"  # written after the best save finished
     if plan.keep == "best" and ckpt.kept_step() is not None and val.exists():
       self.best_metrics = checkpoints.read_json(val)
-      self.best_score = self.best_metrics["overall"]["macro_f1"]
+      self.best_score = self.best_metrics["overall"][self.best_metrics.get("metric", "macro_f1")]
 
   def due(self, step: int) -> bool:
     tc, last = self.plan.train, self.plan.num_steps
@@ -413,8 +414,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         return results
   runs = {RUN_NAMES[s](config): r for s, r in results.items() if s in RUN_NAMES}
   if runs:
-    table = evaluation.format_markdown_table(runs, list(config.data.languages))
+    languages = list(dict.fromkeys(l for r in runs.values() for l in r.get("per_language", {})))
+    table = evaluation.format_markdown_table(runs, languages)
     if checkpoints.is_primary():
       (workdir / "results.md").write_text(table + "\n")
-    print(f"\nTest macro-F1 (%), {workdir}:\n{table}")
+    metric = next(iter(runs.values())).get("metric", "macro_f1")
+    print(f"\nTest {evaluation.METRIC_LABELS.get(metric, (metric, metric))[1]} (%), {workdir}:\n{table}")
   return results

@@ -260,7 +260,6 @@ def test_find_stage_dir(tmp_path):
     export.find_stage_dir(tmp_path / "teacher", "student")
   with pytest.raises(FileNotFoundError, match="neither a stage directory"):
     export.find_stage_dir(tmp_path / "nothing")
-  assert export.stage_labels({"data": "tsm"}, 3) == ("negative", "neutral", "positive")
-  assert export.stage_labels({}, 3) == ("negative", "neutral", "positive")
-  assert export.stage_labels({"labels": ["a", "b"]}, 2) == ("a", "b")
-  assert export.stage_labels({}, 5) is None
+  assert export.stage_labels({"data": "tsm"}) is None
+  assert export.stage_labels({"labels": ["a", "b"]}) == ("a", "b")
+  assert export.stage_labels({}) is None

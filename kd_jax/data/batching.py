@@ -14,7 +14,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kd_jax.data.tsm import Example
+from kd_jax.data.schema import Example
+
+# Label of the tokens a token task does not score (special tokens, non-first sub-tokens,
+# padding): the ignore index of losses.token_cross_entropy and of HF.
+IGNORE_LABEL = -100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +28,14 @@ class TokenizedData:
   Attributes:
     input_ids: N arrays, each int32 [length_i], special tokens included.
     lengths: int32 [N], ``len(input_ids[i])`` (<= the max_length used).
-    labels: int32 [N].
+    labels: int32 [N] class ids (sequence tasks; zeros for token tasks).
     language_ids: int32 [N], index into ``language_order``.
     num_truncated: number of examples longer than max_length before truncation.
     language_order: language names indexed by ``language_ids``.
+    token_type_ids: None, or (sentence pairs) N arrays int32 [length_i]: 0 for the first
+      text, 1 for the second (the tokenizer's own).
+    token_labels: None, or (token tasks) N arrays int32 [length_i]: the word's tag id at
+      its first sub-token, ``IGNORE_LABEL`` elsewhere (HF's run_ner alignment).
   """
 
   input_ids: list[np.ndarray]
@@ -36,6 +44,8 @@ class TokenizedData:
   language_ids: np.ndarray
   num_truncated: int = 0
   language_order: tuple[str, ...] = ()
+  token_type_ids: list[np.ndarray] | None = None
+  token_labels: list[np.ndarray] | None = None
 
   def __post_init__(self):
     n = len(self.input_ids)
@@ -65,7 +75,10 @@ def tokenize_examples(
   The tokenizer is called once on all texts without truncation (to count
   overlong texts), then once more, with ``truncation=True``, only on the
   overlong ones, so the truncated ids are exactly what the tokenizer's own
-  truncation produces (special tokens kept).
+  truncation produces (special tokens kept). Sentence pairs (`text_pair`) are
+  encoded as the tokenizer's pairs (with `token_type_ids`; truncation longest_first);
+  token tasks (`tokens`) as pre-split words (`is_split_into_words`), each word's tag
+  on its first sub-token (`token_labels`; needs a fast tokenizer for `word_ids`).
 
   Args:
     examples: examples to tokenize.
@@ -89,36 +102,63 @@ def tokenize_examples(
         f"languages {missing} are not in language_order {list(language_order)}"
     )
 
-  texts = [e.text for e in examples]
-  if texts:
-    full = tokenizer(
-        texts, truncation=False, padding=False, return_attention_mask=False
-    )["input_ids"]
+  token_task = any(e.tokens is not None for e in examples)
+  pairs = any(e.text_pair is not None for e in examples)
+  if token_task:
+    inputs = ([list(e.tokens) for e in examples],)
+    kwargs = {"is_split_into_words": True}
+  elif pairs:
+    inputs = ([e.text for e in examples], [e.text_pair or "" for e in examples])
+    kwargs = {"return_token_type_ids": True}
   else:
-    full = []
-  long_rows = [i for i, ids in enumerate(full) if len(ids) > max_length]
-  ids_list = [np.asarray(ids, dtype=np.int32) for ids in full]
-  if long_rows:
-    truncated = tokenizer(
-        [texts[i] for i in long_rows],
-        truncation=True,
-        max_length=max_length,
-        padding=False,
-        return_attention_mask=False,
-    )["input_ids"]
-    for i, ids in zip(long_rows, truncated):
-      ids_list[i] = np.asarray(ids, dtype=np.int32)
+    inputs, kwargs = ([e.text for e in examples],), {}
 
+  def encode(rows, **more):
+    if not rows:
+      return None
+    return tokenizer(*([x[i] for i in rows] for x in inputs), padding=False,
+                     return_attention_mask=False, **kwargs, **more)
+
+  full = encode(range(len(examples)), truncation=False)
+  encodings = [(full, i) for i in range(len(examples))]
+  long_rows = [i for i in range(len(examples)) if len(full["input_ids"][i]) > max_length]
+  pairs = pairs and full is not None and "token_type_ids" in full
+  if long_rows:  # the tokenizer's own truncation (longest_first for pairs), specials kept
+    truncated = encode(long_rows, truncation=True, max_length=max_length)
+    for j, i in enumerate(long_rows):
+      encodings[i] = (truncated, j)
+  ids_list = [np.asarray(enc["input_ids"][j], np.int32) for enc, j in encodings]
+  type_ids = token_labels = None
+  if pairs and not token_task:
+    type_ids = [np.asarray(enc["token_type_ids"][j], np.int32) for enc, j in encodings]
+  if token_task:
+    token_labels = [_align_tags(e.label, enc.word_ids(j)) for e, (enc, j)
+                    in zip(examples, encodings)]
+  labels = [0 if token_task else e.label for e in examples]
   return TokenizedData(
       input_ids=ids_list,
       lengths=np.asarray([len(ids) for ids in ids_list], dtype=np.int32),
-      labels=np.asarray([e.label for e in examples], dtype=np.int32),
+      labels=np.asarray(labels, dtype=np.int32),
       language_ids=np.asarray(
           [lang_index[e.language] for e in examples], dtype=np.int32
       ),
       num_truncated=len(long_rows),
       language_order=language_order,
+      token_type_ids=type_ids,
+      token_labels=token_labels,
   )
+
+
+def _align_tags(tags, word_ids) -> np.ndarray:
+  """Word-level tag ids -> one per token: the tag at each word's first sub-token,
+  IGNORE_LABEL at later sub-tokens and special tokens (word id None)."""
+  out = np.full(len(word_ids), IGNORE_LABEL, np.int32)
+  previous = None
+  for t, w in enumerate(word_ids):
+    if w is not None and w != previous:
+      out[t] = tags[w]
+    previous = w
+  return out
 
 
 def bucket_boundaries(max_length: int, num_buckets: int) -> tuple[int, ...]:
@@ -225,7 +265,8 @@ def batches(
     dict with
       input_ids:      int32 [B, L], pad_id after each example's tokens.
       attention_mask: int32 [B, L], 1 for real tokens (all 0 in padding rows).
-      labels:         int32 [B].
+      labels:         int32 [B]; token tasks: int32 [B, L], IGNORE_LABEL where unscored.
+      token_type_ids: int32 [B, L] (sentence pairs only).
       language_ids:   int32 [B].
       example_mask:   float32 [B], 1 for real rows, 0 for padding rows.
       example_index:  int32 [B], row index into ``data``, -1 for padding rows.
@@ -291,10 +332,21 @@ def _make_batch(
     ids = data.input_ids[i]
     input_ids[row, : len(ids)] = ids
     attention_mask[row, : len(ids)] = 1
-  labels = np.zeros(batch_size, dtype=np.int32)
   language_ids = np.zeros(batch_size, dtype=np.int32)
-  labels[:n] = data.labels[idx]
   language_ids[:n] = data.language_ids[idx]
+  extra = {}
+  if data.token_labels is not None:  # [B, L], ignored beyond each example and in pad rows
+    labels = np.full((batch_size, length), IGNORE_LABEL, dtype=np.int32)
+    for row, i in enumerate(idx):
+      labels[row, : len(data.token_labels[i])] = data.token_labels[i]
+  else:
+    labels = np.zeros(batch_size, dtype=np.int32)
+    labels[:n] = data.labels[idx]
+  if data.token_type_ids is not None:
+    types = np.zeros((batch_size, length), dtype=np.int32)
+    for row, i in enumerate(idx):
+      types[row, : len(data.token_type_ids[i])] = data.token_type_ids[i]
+    extra["token_type_ids"] = types
   example_mask = np.zeros(batch_size, dtype=np.float32)
   example_mask[:n] = 1.0
   example_index = np.full(batch_size, -1, dtype=np.int32)
@@ -306,6 +358,7 @@ def _make_batch(
       "language_ids": language_ids,
       "example_mask": example_mask,
       "example_index": example_index,
+      **extra,
   }
 
 

@@ -16,19 +16,15 @@ unchanged. A seeded held-out slice is split off for MLM loss / accuracy.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
 
-from kd_jax.data import batching, tsm
-from kd_jax.data.tsm import DataError, Example
-
-SIB200_HEADER = ("index_id", "category", "text")
+from kd_jax.data import batching, tasks, tsm
+from kd_jax.data.schema import DataError, Example
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None, what: str) -> epath.Path:
@@ -75,27 +71,17 @@ def read_sib200_texts(language: str, split: str = "train",
     DataError: missing folder or file (lists the available languages), a wrong
       header, or a row without three fields (names file and line).
   """
-  root = _resolve_data_dir(data_dir, "sib200")
-  if (root / "sib200").is_dir():
-    root = root / "sib200"
+  given = _resolve_data_dir(data_dir, "sib200")
+  root = tasks.sib200_root(given)
+  if root is None:
+    raise DataError(f"sib200: no sib200/ language folders in {str(given)!r}")
   path = root / language / f"{split}.tsv"
   if not path.is_file():
     available = sorted(p.name for p in root.iterdir() if (p / f"{split}.tsv").is_file())
     raise DataError(f"sib200 file {str(path)!r} not found (config.general.sib200_languages="
                     f"{language!r}); {len(available)} languages in {str(root)!r}, e.g. "
                     f"{available[:8]}")
-  rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline=""),
-                         delimiter="\t"))
-  if not rows or tuple(rows[0]) != SIB200_HEADER:
-    raise DataError(f"{str(path)!r}: header {rows[0] if rows else None} is not "
-                    f"{list(SIB200_HEADER)}")
-  texts = []
-  for line_no, row in enumerate(rows[1:], start=2):
-    if len(row) != 3:
-      raise DataError(f"{str(path)!r} row {line_no}: {len(row)} fields, expected 3")
-    if row[2].strip():
-      texts.append(row[2])
-  return texts
+  return [text for _, text in tasks.read_sib200_file(path, labelled=False) if text.strip()]
 
 
 def load_text_sources(*, text_files: Sequence[str] = (), tsm_languages: Sequence[str] = (),

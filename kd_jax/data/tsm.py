@@ -12,13 +12,13 @@ Without a local copy the same data is read from the Hugging Face hub
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Sequence
 
 import numpy as np
 from etils import epath
 
+from kd_jax.data.schema import DataError, Example, check_fraction, stratified_subset
 from kd_jax.paths import DATA_DIR_ENV  # the one name of the variable
 
 HUB_NAME = "cardiffnlp/tweet_sentiment_multilingual"
@@ -39,17 +39,6 @@ TSM_SPLITS = ("train", "val", "test")
 _HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
-class DataError(ValueError):
-  """Data is missing or malformed; the message names the offending path."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  text: str
-  label: int
-  language: str
-
-
 def load_tsm(
     split: str,
     languages: Sequence[str] = TSM_LANGUAGES,
@@ -66,9 +55,9 @@ def load_tsm(
       folder directly containing language folders. If None, the env var
       ``KD_JAX_DATA_DIR`` is used; if that is unset too, the hub copy is
       loaded with ``datasets.load_dataset``.
-    fraction: in (0, 1]; keeps a seeded random subset of
-      ``max(1, round(fraction * n))`` examples per language (file order is
-      kept within the subset).
+    fraction: in (0, 1]; keeps a seeded subset of each language, stratified by
+      label (``schema.stratified_subset``: ``max(1, round(fraction * n_c))`` of
+      each class c; file order is kept within the subset).
     seed: seed for the subset.
 
   Returns:
@@ -80,8 +69,7 @@ def load_tsm(
   """
   if split not in TSM_SPLITS:
     raise DataError(f"unknown tsm split {split!r}; expected one of {TSM_SPLITS}")
-  if not (0.0 < fraction <= 1.0):
-    raise DataError(f"fraction must be in (0, 1], got {fraction!r}")
+  check_fraction(fraction)
   languages = tuple(languages)
   if data_dir is None:
     data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -94,14 +82,8 @@ def load_tsm(
     per_language = {lang: _load_local(root, split, lang) for lang in languages}
 
   for lang_index, lang in enumerate(languages):
-    rows = per_language[lang]
-    if fraction < 1.0 and rows:
-      n_keep = max(1, int(round(fraction * len(rows))))
-      # Seed mixes in the language index so languages get independent subsets.
-      rng = np.random.default_rng((seed, lang_index))
-      keep = np.sort(rng.choice(len(rows), size=n_keep, replace=False))
-      rows = [rows[i] for i in keep]
-    examples.extend(rows)
+    # The language index separates the languages' subsets.
+    examples.extend(stratified_subset(per_language[lang], fraction, seed, lang_index))
   return examples
 
 
