@@ -22,6 +22,7 @@ Other objectives: --config.general.weights.mlm_kl=1 (needs a teacher with an MLM
 """
 
 from kd_jax.config_base import base_config, train_config
+from kd_jax.data.tsm import TSM_LANGUAGES
 
 # SIB-200 languages whose text is used (tsm's eight languages and a few more scripts).
 SIB200_LANGUAGES = ("arb_Arab", "eng_Latn", "fra_Latn", "deu_Latn", "hin_Deva", "ita_Latn",
@@ -31,7 +32,7 @@ SIB200_LANGUAGES = ("arb_Arab", "eng_Latn", "fra_Latn", "deu_Latn", "hin_Deva", 
 def get_config():
   config = base_config()
   config.stages = ("general_distill", "distill")
-  config.general.tsm_languages = config.data.languages
+  config.general.tsm_languages = TSM_LANGUAGES
   config.general.sib200_languages = SIB200_LANGUAGES
   config.general.max_length = 64
   config.general.buckets = (32, 64)

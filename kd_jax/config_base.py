@@ -265,10 +265,6 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   for field in ("train_fraction", "eval_fraction"):
     if not 0 < float(dc[field]) <= 1:
       raise ConfigError(f"config.data.{field}={dc[field]} must be in (0, 1]")
-  for field in ("languages", "train_languages", "seen_languages", "unseen_languages"):
-    if isinstance(dc[field], str):
-      raise ConfigError(f"config.data.{field}={dc[field]!r} must be a tuple of languages, "
-                        f"e.g. ({dc[field]!r},)")
   _check_buckets("data", dc)
   _check_max_length("data", dc.max_length)
 

@@ -80,9 +80,10 @@ def main(argv):
   logging.info("config:\n%s", FLAGS.config)
   from kd_jax.checkpoints import CheckpointError
   from kd_jax.config_base import ConfigError
+  from kd_jax.data.schema import DataError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, CheckpointError) as e:  # before any training; names the field or file
+  except (ConfigError, CheckpointError, DataError) as e:  # names the field, file or row
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

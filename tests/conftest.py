@@ -58,7 +58,8 @@ def save_tiny_wordpiece_tokenizer(out: pathlib.Path, data: pathlib.Path):
   specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
   tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
   tok.post_processor = processors.TemplateProcessing(
-      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
   out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +233,75 @@ def write_synthetic_data(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
         for i, label, t in zip(index_ids[start:start + n], labels, texts):
           writer.writerow((int(i), SIB200_CATEGORIES[label], t))
       start += n
+  return out
+
+
+UNER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def write_uner_dataset(out: pathlib.Path, languages=("en_ewt", "pt_bosque"),
+                       sizes=(("train", 96), ("validation", 24), ("test", 24)),
+                       seed: int = 0) -> pathlib.Path:
+  """Universal NER in its hub schema, one dataset dir per language (the hub's configs):
+  ``out/<language>/data/<split>-00000-of-00001.parquet`` with columns idx, text, tokens,
+  ner_tags (a sequence of ClassLabel `UNER_TAGS`), annotator. Entities are pseudo-word
+  names from per-type pools (PER spans of 1-2 words), so they can be learned."""
+  import datasets
+  features = datasets.Features({
+      "idx": datasets.Value("string"), "text": datasets.Value("string"),
+      "tokens": datasets.List(datasets.Value("string")),
+      "ner_tags": datasets.List(datasets.ClassLabel(names=list(UNER_TAGS))),
+      "annotator": datasets.Value("string")})
+  for lang_index, language in enumerate(languages):
+    rng = np.random.default_rng((seed, 2, lang_index))
+    common = [_pseudo_word(rng, "english") for _ in range(40)]
+    names = {kind: [_pseudo_word(rng, "spanish").capitalize() for _ in range(8)]
+             for kind in ("PER", "ORG", "LOC")}
+    for split, n in sizes:
+      rows = {k: [] for k in features}
+      for i in range(n):
+        tokens, tags = [], []
+        for _ in range(int(rng.integers(4, 10))):
+          if rng.random() < 0.25:
+            kind = ("PER", "ORG", "LOC")[int(rng.integers(3))]
+            span = int(rng.integers(1, 3))
+            for j in range(span):
+              tokens.append(names[kind][int(rng.integers(8))])
+              tags.append(UNER_TAGS.index(("B-" if j == 0 else "I-") + kind))
+          else:
+            tokens.append(common[int(rng.integers(40))])
+            tags.append(0)
+        for k, v in (("idx", f"{language}-{split}-{i}"), ("text", " ".join(tokens)),
+                     ("tokens", tokens), ("ner_tags", tags), ("annotator", "synthetic")):
+          rows[k].append(v)
+      path = out / language / "data" / f"{split}-00000-of-00001.parquet"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+  return out
+
+
+def write_nli_files(out: pathlib.Path, languages=("en", "de"),
+                    sizes=(("train", 96), ("dev", 24), ("test", 24)), seed: int = 0
+                    ) -> pathlib.Path:
+  """XNLI-shaped sentence pairs as JSON lines, ``out/{train,dev,test}.jsonl`` with fields
+  premise, hypothesis, label (a name of `NLI_LABELS`), language. The hypothesis repeats
+  the premise (entailment), shares half of it (neutral) or is unrelated (contradiction)."""
+  out.mkdir(parents=True, exist_ok=True)
+  for split, n in sizes:
+    lines = []
+    for lang_index, language in enumerate(languages):
+      rng = np.random.default_rng((seed, 3, lang_index, len(split)))
+      words = [_pseudo_word(rng, "english") for _ in range(60)]
+      for i in range(n):
+        premise = [words[int(k)] for k in rng.integers(60, size=6)]
+        label = i % 3
+        other = [words[int(k)] for k in rng.integers(60, size=6)]
+        hypothesis = {0: premise, 1: premise[:3] + other[:3], 2: other}[label]
+        lines.append(json.dumps({"premise": " ".join(premise),
+                                 "hypothesis": " ".join(hypothesis),
+                                 "label": NLI_LABELS[label], "language": language}))
+    (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
   return out
 
 

@@ -47,8 +47,7 @@ def test_names():
   assert set(config_base.STAGE_SECTIONS) == set(config_base.STAGES)
   assert config_base.STAGE_SECTIONS["general_distill"] == "general"
   assert config_base.PRECISIONS == {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-  labels, languages = config_base.TASKS["tsm"]
-  assert labels == ("negative", "neutral", "positive") and "english" in languages
+  assert config_base.base_config().data.task == "tsm"
   assert "from_general" in config_base.INIT_STRATEGIES
   assert issubclass(ConfigError, ValueError)
 
@@ -104,10 +103,12 @@ def test_stages(field, value, message):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("data.name", "sst2", "config.data.name='sst2' is not valid; choose from ['tsm']"),
-    ("data.languages", ("klingon",), "config.data.languages='klingon' is not valid"),
-    ("data.train_languages", ("english", "x"), "config.data.train_languages='x'"),
-    ("data.seen_languages", ("y",), "config.data.seen_languages='y'"),
+    ("data.task", "sst2", "config.data.task='sst2': unknown task 'sst2'"),
+    ("data.task", "hf:", "config.data.task='hf:': unknown task"),
+    ("data.task", "kaggle:x", "config.data.task='kaggle:x': unknown task"),
+    ("data.label_kind", "span", "config.data.label_kind='span' is not valid"),
+    ("data.train_fraction", 0.0, "config.data.train_fraction=0.0 must be in (0, 1]"),
+    ("data.eval_fraction", 1.5, "config.data.eval_fraction=1.5 must be in (0, 1]"),
     ("data.buckets", (32, 100), "config.data.buckets=(32, 100), config.data.max_length=128"),
     ("data.buckets", (), "buckets must not be empty"),
     ("data.max_length", 1024, "config.data.buckets=(32, 64, 128), config.data.max_length=1024"),
@@ -205,7 +206,6 @@ def general_config():
     ("general.mask_rate", 1.5, "config.general.mask_rate=1.5"),
     ("general.heldout_size", 0, "config.general.heldout_size=0 must be >= 1"),
     ("general.buckets", (32, 100), "config.general.buckets=(32, 100)"),
-    ("general.tsm_languages", ("klingon",), "config.general.tsm_languages='klingon'"),
 ])
 def test_general(field, value, message):
   config = set_field(general_config(), field, value)

@@ -103,7 +103,10 @@ def test_real_fraction(data_dir):
   sub = tsm.load_tsm("train", languages=("french", "italian"), data_dir=data_dir,
                      fraction=0.1, seed=3)
   counts = collections.Counter(e.language for e in sub)
-  assert counts == {"french": 184, "italian": 184}
+  # Stratified: round(0.1 * 613) = 61 of each of the 3 balanced classes.
+  assert counts == {"french": 183, "italian": 183}
+  for lang in ("french", "italian"):
+    assert collections.Counter(e.label for e in sub if e.language == lang) == {0: 61, 1: 61, 2: 61}
   # Deterministic, seed-dependent, a subset in file order.
   assert sub == tsm.load_tsm("train", languages=("french", "italian"), data_dir=data_dir,
                              fraction=0.1, seed=3)
@@ -114,7 +117,7 @@ def test_real_fraction(data_dir):
     positions = [full_lang.index(e) for e in sub if e.language == lang]
     assert positions == sorted(positions)
   tiny = tsm.load_tsm("val", languages=("arabic",), data_dir=data_dir, fraction=1e-6)
-  assert len(tiny) == 1
+  assert sorted(e.label for e in tiny) == [0, 1, 2]  # at least one of each class
 
 
 # ---------------------------------------------------------------- errors
@@ -202,7 +205,8 @@ def test_hub_fallback_maps_split_and_fields(monkeypatch):
                       types.SimpleNamespace(load_dataset=fake_load_dataset))
   got = tsm.load_tsm("val", languages=("italian", "arabic"), fraction=0.5, seed=1)
   assert calls == [(tsm.HUB_NAME, "italian", "validation"), (tsm.HUB_NAME, "arabic", "validation")]
-  assert [e.language for e in got] == ["italian", "italian", "arabic", "arabic"]
+  # Labels 0, 1, 2, 0: half of each class, at least one -> 3 rows per language.
+  assert [e.language for e in got] == ["italian"] * 3 + ["arabic"] * 3
   assert all(e.text.startswith(e.language) and e.label in (0, 1, 2) for e in got)
 
 

@@ -1054,3 +1054,33 @@ def test_mlm_weights_passed_to_terms(rng, monkeypatch):
   np.testing.assert_array_equal(seen[0].mlm_weights, mw * WEIGHTS[:, None])
   np.testing.assert_array_equal(terms["mlm_mse"], losses.mlm_mse(stu.logits, tea.logits,
                                                                  mw * WEIGHTS[:, None]))
+
+
+# ---------------------------------------------------------------------------
+# token heads: prediction terms per real token, cross-entropy per labelled token
+# ---------------------------------------------------------------------------
+def test_token_head_terms_match_numpy(rng):
+  """Logits [B, T, C] (a token head): pred (MSE and KL) and soft_ce treat every real token
+  (attention_mask * example weight) as a row; clf is the cross-entropy over tokens whose
+  label is not -100."""
+  s = 2 * rng.normal(size=(B, T, C)).astype(np.float32)
+  t = 2 * rng.normal(size=(B, T, C)).astype(np.float32)
+  labels = rng.integers(0, C, size=(B, T))
+  labels[MASK == 0] = -100
+  labels[:, 0] = -100                       # [CLS]: unscored, as batching aligns tags
+  batch = {"attention_mask": MASK, "labels": labels, "example_mask": WEIGHTS}
+  tokens_w = (MASK * WEIGHTS[:, None]).reshape(-1).astype(np.float32)
+  flat_s, flat_t = s.reshape(B * T, C), t.reshape(B * T, C)
+  _, terms = losses.distillation_loss(
+      Out(logits=s), Out(logits=t), batch, weights={"pred": 1.0, "soft_ce": 1.0, "clf": 1.0},
+      layer_map=(), temperature=2.0)
+  np.testing.assert_allclose(terms["pred"], np_logits_mse(flat_s, flat_t, tokens_w), rtol=1e-5)
+  np.testing.assert_allclose(terms["soft_ce"], np_soft_ce(flat_s, flat_t, tokens_w, 2.0),
+                             rtol=1e-4)
+  keep = labels.reshape(-1) != -100
+  logp = np_log_softmax(flat_s)[keep]
+  ce = -logp[np.arange(keep.sum()), labels.reshape(-1)[keep]].mean()
+  np.testing.assert_allclose(terms["clf"], ce, rtol=1e-5)
+  _, kl = losses.distillation_loss(Out(logits=s), Out(logits=t), batch, weights={"pred": 1.0},
+                                   layer_map=(), prediction_loss="kl", temperature=2.0)
+  np.testing.assert_allclose(kl["pred"], np_logits_kl(flat_s, flat_t, tokens_w, 2.0), rtol=1e-4)

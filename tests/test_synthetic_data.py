@@ -8,7 +8,7 @@ import pytest
 
 from conftest import (SIB200_CATEGORIES, SYNTHETIC_SIB200_SIZES, SYNTHETIC_TSM_SIZES,
                       tiny_tokenizer_texts, write_synthetic_data)
-from kd_jax.data import text
+from kd_jax.data import tasks, text
 from kd_jax.data.tsm import TSM_LABELS, TSM_LANGUAGES, TSM_SPLITS, load_tsm
 
 
@@ -43,7 +43,8 @@ def test_load_tsm_reads_every_language(synthetic_data_dir, split):
 
 def test_fractions_give_the_real_counts(synthetic_data_dir):
   """The loop tests' fractions: 5% of train and 10% of test per language."""
-  assert len(load_tsm("train", ("english",), synthetic_data_dir, fraction=0.05)) == 92
+  # Stratified: round(0.05 * 613) = 31 of each of the 3 classes.
+  assert len(load_tsm("train", ("english",), synthetic_data_dir, fraction=0.05)) == 93
   assert len(load_tsm("test", ("english", "arabic", "hindi"), synthetic_data_dir,
                       fraction=0.1)) == 3 * 87
 
@@ -84,7 +85,7 @@ def test_sib200_is_read_by_the_text_reader(synthetic_data_dir):
     assert len(texts) == n and all(t.strip() for t in texts)
   header, *rows = (synthetic_data_dir / "sib200" / "eng_Latn" / "train.tsv").read_text(
       encoding="utf-8").splitlines()
-  assert header.split("\t") == list(text.SIB200_HEADER)
+  assert header.split("\t") == list(tasks.SIB200_HEADER)
   assert {r.split("\t")[1] for r in rows} == set(SIB200_CATEGORIES)
   examples = text.load_text_sources(tsm_languages=("english",), sib200_languages=("eng_Latn",),
                                     data_dir=str(synthetic_data_dir))

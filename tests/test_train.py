@@ -141,7 +141,7 @@ def test_kd_narrow_student_uses_projections_unpadded(synthetic_model_dir, synthe
     ("student.init", "from_nowhere", "config.student.init='from_nowhere' is not valid"),
     ("stages", ("finetune",), "config.stages='finetune' is not valid"),
     ("distill.prediction_loss", "l1", "config.distill.prediction_loss='l1'"),
-    ("data.languages", ("klingon",), "config.data.languages='klingon'"),
+    ("data.task", "sst2", "config.data.task='sst2'"),
     ("data.buckets", (32, 100), "buckets"),
 ])
 def test_bad_config_values(field, value, message, synthetic_model_dir, synthetic_data_dir):

@@ -552,26 +552,9 @@ def _set(columns: Mapping[str, str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------
 # a run's task
 # ---------------------------------------------------------------------------
-def load_task(data_config, seed: int = 0,
-              log: Callable[[str], None] | None = logging.info) -> TaskData:
-  """Reads `config.data`'s task for the run.
-
-  Languages: `data.languages` (default: every language of the source) plus
-  `data.unseen_languages` are evaluated (val, test); `data.train_languages` (default
-  `data.languages`) are trained on; `data.seen_languages` (default the train languages)
-  are reported as seen. `data.train_fraction` / `data.eval_fraction` keep a seeded subset
-  of each language stratified by label (`schema.stratified_subset`).
-
-  Raises:
-    DataError: an unknown task, a missing split or column, a language the source does not
-      have, an empty split of a language, a label outside the label set, or a tag
-      sequence whose length differs from its token sequence; each naming the dataset,
-      split, row or column.
-  """
-  dc = data_config
-  check_fraction(dc.train_fraction, "config.data.train_fraction")
-  check_fraction(dc.eval_fraction, "config.data.eval_fraction")
-  source = make_source(dc)
+def _languages(dc, source: _Source) -> tuple[tuple[str, ...], ...]:
+  """(evaluated, trained, seen) languages of config.data (see `load_task`), checked
+  against the languages the source has when it knows them without reading its splits."""
   available = source.languages()
   languages = tuple(dc.languages) or available
   if not languages:
@@ -593,6 +576,30 @@ def load_task(data_config, seed: int = 0,
     if l not in languages:
       raise DataError(f"config.data.seen_languages: {l!r} is not evaluated "
                       f"(config.data.languages {list(languages)})")
+  return languages, train_languages, seen
+
+
+def load_task(data_config, seed: int = 0,
+              log: Callable[[str], None] | None = logging.info) -> TaskData:
+  """Reads `config.data`'s task for the run.
+
+  Languages: `data.languages` (default: every language of the source) plus
+  `data.unseen_languages` are evaluated (val, test); `data.train_languages` (default
+  `data.languages`) are trained on; `data.seen_languages` (default the train languages)
+  are reported as seen. `data.train_fraction` / `data.eval_fraction` keep a seeded subset
+  of each language stratified by label (`schema.stratified_subset`).
+
+  Raises:
+    DataError: an unknown task, a missing split or column, a language the source does not
+      have, an empty split of a language, a label outside the label set, or a tag
+      sequence whose length differs from its token sequence; each naming the dataset,
+      split, row or column.
+  """
+  dc = data_config
+  check_fraction(dc.train_fraction, "config.data.train_fraction")
+  check_fraction(dc.eval_fraction, "config.data.eval_fraction")
+  source = make_source(dc)
+  languages, train_languages, seen = _languages(dc, source)
   splits = {}
   for split, langs, fraction in (("train", train_languages, dc.train_fraction),
                                  ("val", languages, dc.eval_fraction),
@@ -620,9 +627,11 @@ def load_task(data_config, seed: int = 0,
 
 def label_info(data_config) -> tuple[str, int]:
   """(label kind, number of labels) of `config.data`'s task, reading as little as the
-  source allows (tsm and SIB-200: nothing). For the shape checks before training."""
+  source allows (tsm and a local SIB-200: only its languages are checked), for the shape
+  checks before training. Raises DataError as `load_task`."""
   source = make_source(data_config)
-  if isinstance(source, (_Tsm, _Sib200)):
+  if isinstance(source, (_Tsm, _Sib200)) and source.languages() is not None:
+    _languages(data_config, source)
     return source.label_kind, len(source.label_names)
   task = load_task(data_config, log=None)
   return task.label_kind, task.num_labels
