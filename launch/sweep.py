@@ -91,13 +91,19 @@ def sweep_table(runs: Mapping[str, Mapping], workdir: str) -> str:
       if lang not in languages:
         languages.append(lang)
     v = result_file(epath.Path(workdir) / name, "val")
-    val_avg[name] = json.loads(v.read_text()).get("avg_macro_f1") if v else None
+    metric = test[name].get("metric", "macro_f1")
+    val_avg[name] = json.loads(v.read_text()).get(f"avg_{metric}") if v else None
   table = format_markdown_table(test, languages)
   lines = table.rstrip("\n").split("\n")
   lines[0] += " best val avg |"
   lines[1] += "---:|"
-  for i, name in enumerate(test, start=2):
-    lines[i] += f" {val_avg[name]:.2f} |" if val_avg[name] is not None else " - |"
+  rows = iter(test)  # one row per run, each maybe followed by its retention row
+  for i in range(2, len(lines)):
+    if lines[i].split(" | ")[0].endswith(" retention %"):
+      lines[i] += " - |"
+      continue
+    value = val_avg[next(rows)]
+    lines[i] += f" {value:.2f} |" if value is not None else " - |"
   text = "\n".join(lines) + "\n"
   if missing:
     text += f"\nNot finished: {', '.join(missing)}\n"

@@ -103,9 +103,10 @@ def massive_rows(split):
       if i < n:
         intent = i % len(MASSIVE_INTENTS)
         utt = MASSIVE_UTTS[intent].format(i=i) + f" ({locale})"
+        annot = MASSIVE_UTTS[intent].format(i=f"[number : {i}]") + f" ({locale})"
         rows.append({"id": str(len(rows)), "locale": locale, "partition": split,
                      "scenario": (0, 1, 2, 0)[intent], "intent": intent, "utt": utt,
-                     "annot_utt": utt, "worker_id": "7",
+                     "annot_utt": annot, "worker_id": "7",
                      "slot_method": [{"slot": "time", "method": "translation"}]})
   return rows
 
@@ -190,6 +191,14 @@ def test_massive_unknown_language(massive_dir):
                                 seen_languages=("fr-FR",)))
 
 
+def test_massive_column_override(massive_dir):
+  task = tasks.load_task(data_config("massive", massive_dir, languages=("fr-FR",),
+                                     columns={"text": "annot_utt"}))
+  assert [e.text for e in task.splits["test"]] == [
+      r["annot_utt"] for r in massive_rows("test") if r["locale"] == "fr-FR"]
+  assert task.splits["test"][0].text == "wake me up at [number : 0] am (fr-FR)"
+
+
 def test_massive_missing_column(massive_dir):
   with pytest.raises(DataError) as e:
     tasks.load_task(data_config("massive", massive_dir, columns={"text": "utterance"}))
@@ -219,19 +228,19 @@ UNER_ROWS = {  # language -> split -> (sentence, tags)
 }
 
 
-def write_uner(root, rows=UNER_ROWS):
+def write_uner(root, rows=UNER_ROWS, tag_names=UNER_TAGS):
   """<root>/<language>/data/<split>-00000-of-00001.parquet, universalner/universal_ner's
-  columns (ner_tags: a sequence of ClassLabel `UNER_TAGS`)."""
+  columns (ner_tags: a sequence of ClassLabel `tag_names`)."""
   import datasets
   features = datasets.Features({
       "idx": datasets.Value("string"), "text": datasets.Value("string"),
       "tokens": datasets.List(datasets.Value("string")),
-      "ner_tags": datasets.List(datasets.ClassLabel(names=list(UNER_TAGS))),
+      "ner_tags": datasets.List(datasets.ClassLabel(names=list(tag_names))),
       "annotator": datasets.Value("string")})
   for language, splits in rows.items():
     for split, sentences in splits.items():
       table = [{"idx": f"{language}-{split}-{i}", "text": text, "tokens": text.split(),
-                "ner_tags": [UNER_TAGS.index(t) for t in tags.split()], "annotator": "a1"}
+                "ner_tags": [tag_names.index(t) for t in tags.split()], "annotator": "a1"}
                for i, (text, tags) in enumerate(sentences)]
       to_parquet(table, features, root / language / "data" / f"{split}-00000-of-00001.parquet")
   return root
@@ -284,6 +293,18 @@ def test_uner_unknown_language(uner_dir):
   with pytest.raises(DataError, match=r"\['hr_set'\] not in task 'uner'") as e:
     tasks.load_task(data_config("uner", uner_dir, languages=("en_ewt", "hr_set")))
   assert "'en_ewt', 'pt_bosque'" in str(e.value)
+
+
+def test_uner_languages_with_other_classlabel_order(tmp_path):
+  """A language whose ClassLabel orders the tags differently: its ids are mapped by name
+  to the first language's names."""
+  write_uner(tmp_path / "uner", {"en_ewt": UNER_ROWS["en_ewt"]})
+  write_uner(tmp_path / "uner", {"pt_bosque": UNER_ROWS["pt_bosque"]},
+             tag_names=tuple(reversed(UNER_TAGS)))
+  task = tasks.load_task(data_config("uner", tmp_path))
+  assert task.label_names == UNER_TAGS
+  pt = by_language(task.splits["train"])["pt_bosque"]
+  assert [task.label_names[t] for t in pt[0].label] == ["B-PER", "O", "O", "B-LOC"]
 
 
 def test_uner_tag_length_mismatch(tmp_path):
@@ -396,6 +417,22 @@ def test_files_split_names_with_dots(tmp_path):
   assert task.splits["val"] == nli_expected("dev", task.label_names)
 
 
+def test_files_token_task_tag_names_sorted_o_first(tmp_path):
+  (tmp_path / "ner").mkdir()
+  for split, source_split in (("train", "train"), ("dev", "validation"), ("test", "test")):
+    lines = [json.dumps({"tokens": text.split(), "ner_tags": tags.split(), "lang": lang})
+             for lang in ("en_ewt", "pt_bosque") for text, tags in UNER_ROWS[lang][source_split]]
+    (tmp_path / "ner" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+  task = tasks.load_task(data_config(f"files:{tmp_path}/ner/*.jsonl",
+                                     columns={"language": "lang"}))
+  assert task.label_kind == "token"  # from the default tokens / ner_tags columns
+  assert task.label_names == ("O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER")
+  assert task.languages == ("en_ewt", "pt_bosque")
+  ex = task.splits["val"][0]
+  assert ex.tokens == ("Bob", "met", "Alice") and ex.text == "Bob met Alice"
+  assert [task.label_names[t] for t in ex.label] == ["B-PER", "O", "B-PER"]
+
+
 def test_hf_parquet_folder(tmp_path):
   """hf:<dir> of parquet files with XNLI's ClassLabel; `dev` is the val split."""
   import datasets
@@ -413,6 +450,15 @@ def test_hf_parquet_folder(tmp_path):
     assert task.splits[split] == nli_expected(source_split, NLI_LABELS)
   assert tasks.label_info(data_config(f"hf:{tmp_path / 'xnli'}", columns=NLI_COLUMNS)) == (
       "sequence", 3)
+  # label_names reorders the ids; the ClassLabel's integers are mapped by name.
+  names = ("contradiction", "entailment", "neutral")
+  task = tasks.load_task(data_config(f"hf:{tmp_path / 'xnli'}", columns=NLI_COLUMNS,
+                                     label_names=names))
+  assert task.label_names == names
+  assert task.splits["test"] == nli_expected("test", names)
+  with pytest.raises(DataError, match="split .train. row 1: label 2 is not one of"):
+    tasks.load_task(data_config(f"hf:{tmp_path / 'xnli'}", columns=NLI_COLUMNS,
+                                label_names=("entailment", "neutral")))
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -563,6 +609,12 @@ def test_tfds_builder(tfds_dir):
                   for text, label, g in TFDS_ROWS[source_split] if g == lang]
       assert sorted(got[lang], key=lambda e: e.text) == sorted(expected, key=lambda e: e.text)
   assert tasks.label_info(data_config("tfds:kd_jax_test_topics", tfds_dir)) == ("sequence", 3)
+
+
+def test_tfds_unknown_builder(tfds_dir):
+  with pytest.raises(DataError, match="tfds:kd_jax_no_such_dataset: loading the builder "
+                                      "failed"):
+    tasks.load_task(data_config("tfds:kd_jax_no_such_dataset", tfds_dir))
 
 
 def test_tfds_missing_column(tfds_dir):
