@@ -392,3 +392,54 @@ def test_tokenize_examples_truncation(xlmr_tokenizer):
 def test_tokenize_examples_unknown_language(xlmr_tokenizer):
   with pytest.raises(ValueError, match="klingon"):
     batching.tokenize_examples([Example("x", 0, "klingon")], xlmr_tokenizer, 8, ("english",))
+
+
+def test_tokenize_sentence_pairs(xlmr_tokenizer, synthetic_model_dir):
+  """Pairs are the tokenizer's pairs, truncated longest_first; a BERT tokenizer's
+  token_type_ids (0 first text, 1 second) reach the batch, padded with 0."""
+  import transformers
+  bert = transformers.AutoTokenizer.from_pretrained(str(synthetic_model_dir))
+  examples = [Example("bonjour le monde", 0, "french", text_pair="hello world"),
+              Example(" ".join(["mot"] * 40), 2, "french", text_pair="un deux trois")]
+  for tokenizer in (xlmr_tokenizer, bert):
+    data = batching.tokenize_examples(examples, tokenizer, 16, ("french",))
+    ref = tokenizer([e.text for e in examples], [e.text_pair for e in examples],
+                    truncation=True, max_length=16, return_token_type_ids=True)
+    assert [ids.tolist() for ids in data.input_ids] == ref["input_ids"]
+    full = tokenizer([e.text for e in examples], [e.text_pair for e in examples])["input_ids"]
+    assert data.num_truncated == sum(len(ids) > 16 for ids in full) >= 1
+    assert data.lengths.tolist() == [len(r) for r in ref["input_ids"]]
+  assert [t.tolist() for t in data.token_type_ids] == ref["token_type_ids"]
+  assert set(data.token_type_ids[0].tolist()) == {0, 1}
+  batch = next(batching.batches(data, 2, (16,), bert.pad_token_id, shuffle=False,
+                                drop_remainder=False))
+  n = int(data.lengths[0])
+  assert batch["token_type_ids"].shape == (2, 16)
+  assert batch["token_type_ids"][0, :n].tolist() == ref["token_type_ids"][0]
+  assert batch["token_type_ids"][0, n:].tolist() == [0] * (16 - n)
+
+
+def test_tokenize_token_task_aligns_first_subtoken(xlmr_tokenizer):
+  """Each word's tag on its first sub-token, -100 on later sub-tokens, special tokens and
+  (in batches) padding; truncation drops the tags of the words cut off."""
+  words = ("Gravitationswellenobservatorium", "in", "Hannover")
+  tags = (3, 0, 5)
+  examples = [Example(" ".join(words), tags, "german", tokens=words)]
+  data = batching.tokenize_examples(examples, xlmr_tokenizer, 64, ("german",))
+  enc = xlmr_tokenizer(list(words), is_split_into_words=True)
+  assert data.input_ids[0].tolist() == enc["input_ids"]
+  expected, previous = [], None
+  for w in enc.word_ids():
+    expected.append(-100 if w is None or w == previous else tags[w])
+    previous = w
+  assert data.token_labels[0].tolist() == expected
+  assert sorted(t for t in expected if t != -100) == sorted(tags)
+  assert expected.count(-100) > 2  # the long word has several sub-tokens
+  batch = next(batching.batches(data, 2, (64,), xlmr_tokenizer.pad_token_id, shuffle=False,
+                                drop_remainder=False))
+  assert batch["labels"].shape == (2, 64)
+  assert batch["labels"][0, :len(expected)].tolist() == expected
+  assert (batch["labels"][0, len(expected):] == -100).all() and (batch["labels"][1] == -100).all()
+  cut = batching.tokenize_examples(examples, xlmr_tokenizer, 4, ("german",))
+  assert cut.num_truncated == 1 and len(cut.token_labels[0]) == 4
+  assert cut.token_labels[0].tolist() == expected[:3] + [-100]  # </s> kept at the end

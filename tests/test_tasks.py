@@ -396,6 +396,15 @@ def test_files_without_language_column(tmp_path):
   assert [e.text for e in task.splits["val"]] == [r[0] for r in NLI_ROWS["dev"]]
 
 
+def test_files_integer_labels_sorted_numerically(tmp_path):
+  for split in ("train", "dev", "test"):
+    (tmp_path / f"{split}.csv").write_text("text,label\na,10\nb,2\nc,0\nd,1\ne,-1\n")
+  task = tasks.load_task(data_config(f"files:{tmp_path}/*.csv"))  # default columns
+  assert task.label_names == ("-1", "0", "1", "2", "10")
+  assert [(e.text, e.label) for e in task.splits["train"]] == [
+      ("a", 4), ("b", 3), ("c", 1), ("d", 2), ("e", 0)]
+
+
 def test_files_split_names(tmp_path):
   folder = write_nli(tmp_path / "xnli", "jsonl",
                      names={"train": "xnli_train", "dev": "xnli-validation-part1",
@@ -405,10 +414,6 @@ def test_files_split_names(tmp_path):
   assert task.splits["test"] == nli_expected("test", task.label_names)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks._files_splits takes the split from the name up to its first '.', so "
-    "'multinli_1.0_train.jsonl' (MultiNLI's own file name, the documented *_train.* "
-    "pattern) and 'xnli.dev.jsonl' (XNLI 1.0's) are rejected"))
 def test_files_split_names_with_dots(tmp_path):
   folder = write_nli(tmp_path / "nli", "jsonl",
                      names={"train": "multinli_1.0_train", "dev": "xnli.dev",
@@ -456,15 +461,11 @@ def test_hf_parquet_folder(tmp_path):
                                      label_names=names))
   assert task.label_names == names
   assert task.splits["test"] == nli_expected("test", names)
-  with pytest.raises(DataError, match="split .train. row 1: label 2 is not one of"):
+  with pytest.raises(DataError, match="split .train. row 1: label 'contradiction' is not one of"):
     tasks.load_task(data_config(f"hf:{tmp_path / 'xnli'}", columns=NLI_COLUMNS,
                                 label_names=("entailment", "neutral")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks._Generic.languages() takes the available languages from the train split "
-    "only, so a language present only in val/test (zero-shot: XNLI trains on English) "
-    "is rejected by _languages as 'not in task'"))
 def test_files_language_only_in_eval_splits(tmp_path):
   rows = dict(NLI_ROWS, train=[r for r in NLI_ROWS["train"] if r[3] == "en"])
   folder = write_nli(tmp_path / "xnli", "jsonl", rows)

@@ -39,6 +39,7 @@ import glob as globlib
 import io
 import logging
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
@@ -128,6 +129,9 @@ class TaskData:
 
   @property
   def unseen_languages(self) -> tuple[str, ...]:
+    """The evaluated languages not seen; () when no seen languages are set."""
+    if not self.seen_languages:
+      return ()
     return tuple(l for l in self.languages if l not in self.seen_languages)
 
   def info(self) -> dict:
@@ -268,7 +272,6 @@ class _Generic(_Source):
     self.local_dirs = local_dirs
     self.columns = {k: v for k, v in columns.items() if v}
     self.label_names = tuple(label_names)
-    self.fixed_names = bool(label_names)
     self.requested_kind = label_kind
     self.per_language = bool(config and "{language}" in config)
     self._splits: dict[str | None, dict[str, Any]] = {}
@@ -316,9 +319,13 @@ class _Generic(_Source):
       return None
     if "language" not in self.columns:
       return (ALL_LANGUAGES,)
-    table = self._split("train", None)
-    column = _column(table, self.columns["language"], "language")
-    return tuple(dict.fromkeys(str(v) for v in column))
+    found = []  # every split's: a language may be in val/test only (zero-shot)
+    present = self._load(None)
+    for split, names in SPLIT_NAMES.items():
+      if any(n in present for n in names):  # a missing split is reported when it is read
+        table = self._split(split, None)
+        found += [str(v) for v in _column(table, self.columns["language"], "language")]
+    return tuple(dict.fromkeys(found))
 
   # -- examples ------------------------------------------------------------
   def _resolve_columns(self, table: _Table) -> dict[str, str]:
@@ -343,42 +350,51 @@ class _Generic(_Source):
     self.label_kind = kind
     return {f: cols[f] for f in needed + (("language",) if "language" in cols else ())}
 
-  def _label_index(self, table: _Table, column: str, values: list, flat: bool) -> dict:
-    """value -> label id: the source's ClassLabel names, config.data.label_names, or the
-    train split's values (sorted; "O" first for tags)."""
-    names = table.names.get(column)
-    if not self.label_names:
-      if names:
-        self.label_names = names
-      else:
-        seen = sorted({str(v) for row in values for v in (row if flat else [row])},
-                      key=lambda s: (s != "O", int(s) if s.lstrip("-").isdigit() else 0, s))
-        self.label_names = tuple(seen)
-        self._names_from = table.what
+  def _set_label_names(self, tables: Sequence[tuple[_Table, str]]) -> None:
+    """label_names, unless given (config.data.label_names) or already set by train: the
+    source's ClassLabel names, else the sorted values of `tables` ((table, label column)
+    pairs of every language read; "O" first for tags)."""
+    if self.label_names:
+      return
+    names = next((t.names[c] for t, c in tables if c in t.names), None)
+    if names:
+      self.label_names = names
+      return
+    flat = self.label_kind == "token"
+    values = {str(v) for t, c in tables for row in t.columns[c] for v in (row if flat else [row])}
+    self.label_names = tuple(sorted(values, key=lambda s: (
+        s != "O", int(s) if s.lstrip("-").isdigit() else 0, s)))
+    self._names_from = ", ".join(t.what for t, _ in tables)
+
+  def _label_index(self, table: _Table, column: str) -> dict:
+    """value -> label id: a label name, or an integer indexing the source's ClassLabel."""
     index = {name: i for i, name in enumerate(self.label_names)}
-    if names:  # integer values index the source's own names
-      index.update({i: index.get(n) for i, n in enumerate(names)})
+    if column in table.names:
+      index.update({i: index.get(n) for i, n in enumerate(table.names[column])})
     return index
 
   def read(self, split, languages):
     out = {lang: [] for lang in languages}
+    wanted = set(languages)
+    tables = []
     for language in (languages if self.per_language else (None,)):
       table = self._split(split, language)
       cols = self._resolve_columns(table)
       label_col = cols["tags"] if self.label_kind == "token" else cols["label"]
-      label_values = _column(table, label_col, "label")
-      index = self._label_index(table, label_col, label_values, self.label_kind == "token")
+      tables.append((language, table, cols, label_col))
+    self._set_label_names([(t, c) for _, t, _, c in tables])
+    for language, table, cols, label_col in tables:
+      index = self._label_index(table, label_col)
       if self.per_language:
         langs = [language] * len(table)
       elif "language" in cols:
-        langs = [str(v) for v in _column(table, cols["language"], "language")]
+        langs = [str(v) for v in table.columns[cols["language"]]]
       else:
         langs = [ALL_LANGUAGES] * len(table)
-      wanted = set(languages)
+      values = table.columns[label_col]
       for row, lang in enumerate(langs):
-        if lang not in wanted:
-          continue
-        out[lang].append(self._example(table, cols, row, lang, label_values[row], index))
+        if lang in wanted:
+          out[lang].append(self._example(table, cols, row, lang, values[row], index))
     return out
 
   def _label(self, table, row, value, index, column):
@@ -387,6 +403,9 @@ class _Generic(_Source):
       label = index.get(str(value))
     if label is None:
       where = f" (label names from {self._names_from})" if self._names_from else ""
+      source_names = table.names.get(column)
+      if source_names and isinstance(value, int) and 0 <= value < len(source_names):
+        value = source_names[value]  # name the class, not its id
       raise DataError(f"{table.what} row {row}: {column} {value!r} is not one of the "
                       f"label names {list(self.label_names)}{where}; set "
                       "config.data.label_names to the full label set")
@@ -470,9 +489,8 @@ def _files_splits(pattern: str) -> dict[str, Any]:
     if ext not in _FILE_FORMATS:
       raise DataError(f"files:{pattern}: {path!r} is not one of {sorted(_FILE_FORMATS)}")
     formats.add((_FILE_FORMATS[ext], ext == ".tsv"))
-    stem = os.path.basename(path).lower()
-    split = next((s for s in SPLIT_NAMES for n in SPLIT_NAMES[s] if n in stem.replace(
-        "-", "_").split(".")[0].split("_")), None)
+    parts = re.split(r"[._-]", os.path.splitext(os.path.basename(path))[0].lower())
+    split = next((s for s in SPLIT_NAMES for n in SPLIT_NAMES[s] if n in parts), None)
     if split is None:
       raise DataError(f"files:{pattern}: cannot tell the split of {path!r}; name files "
                       "train.*, validation.* / dev.* / val.*, test.* (or *_train.* etc.)")
