@@ -485,7 +485,6 @@ def test_config_validation_of_general_fields():
       ("general.init", "from_general", "config.general.init='from_general' is not valid"),
       ("general.mask_rate", 0.0, "config.general.mask_rate=0.0"),
       ("general.buckets", (32, 100), "buckets"),
-      ("general.tsm_languages", ("klingon",), "config.general.tsm_languages='klingon'"),
       ("general.sib200_languages", (), None),
   ]:
     bad = module.get_config()

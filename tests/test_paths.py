@@ -16,6 +16,7 @@ from etils.epath import gpath, testing as epath_testing
 
 from kd_jax import checkpoints, config_base, export, paths, train, vocab
 from kd_jax.config_base import ConfigError
+from kd_jax.data import tsm
 
 ROOT = epath.Path(__file__).parent.parent
 
@@ -200,7 +201,10 @@ def test_gs_workdir_through_mocked_epath(newcomer_dir, tmp_path_factory, monkeyp
       rename=mapped2, replace=mapped2):
     results = train.train_and_evaluate(config, epath.Path("gs://bucket/run"))
     assert epath.Path("gs://bucket/run/results.md").exists()
-  assert results["finetune_teacher"]["overall"]["num_examples"] == 2 * 44
+  # english and arabic, 5 % of each test class (stratified)
+  expected = len(tsm.load_tsm("test", ("english", "arabic"), newcomer_dir / "data",
+                              fraction=0.05))
+  assert results["finetune_teacher"]["overall"]["num_examples"] == expected == 84
   for name in ("results.md", "teacher/test.json", "teacher/val.md", "teacher/model_config.json"):
     assert (bucket / "run" / name).is_file(), name
   assert any((bucket / "run" / "teacher" / "checkpoints" / "best").iterdir())
