@@ -4,8 +4,9 @@
 the only code that reads its part of the config, and raises every input error (data,
 checkpoints, shapes) before the stage's first step. `train.train_stage` runs any plan.
 
-* `finetune_teacher`: the pretrained `config.model` with a fresh classification head,
-  cross-entropy (`config.teacher.train`), kept: the best val step.
+* `finetune_teacher`: the pretrained `config.model` with a fresh head of the task's kind
+  (`sequence` classes or `token` tags, `kd_jax.data.tasks`), cross-entropy
+  (`config.teacher.train`), kept: the best val step.
 * `general_distill`: task-agnostic distillation of a student with an MLM head on
   unlabeled text with dynamic masking (`config.general`: TinyBERT terms, MLM
   cross-entropy, MLM logit KL / MSE, cosine) from `config.general.teacher` (default the
