@@ -1,15 +1,27 @@
 """Shared fixtures: the real data directory, a synthetic one in the same layout, and tiny
 BERT-shaped model directories whose tokenizers are trained on either."""
 
+import atexit
 import csv
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for the whole session, inherited by the
+# `kd_jax.main` subprocesses: the tests compile the same tiny models' steps many times.
+# Set before jax is imported; a test's own `compile_cache` fixture swaps it and back.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix="kd_jax_tests_xla_")
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 # Set to 1 to run the tests as if there were no real data (real_data_dir skips).
