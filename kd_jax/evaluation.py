@@ -66,6 +66,15 @@ def _mean_or_none(values: list[float]) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def _check_same_length(**arrays) -> None:
+  """ValueError naming each length unless all have the same, non-zero, length."""
+  lengths = {name: len(a) for name, a in arrays.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError("length mismatch: " + ", ".join(f"len({k})={n}" for k, n in lengths.items()))
+  if not next(iter(lengths.values())):
+    raise ValueError("no examples to evaluate (N = 0)")
+
+
 def _check_language_ids(language_ids: np.ndarray, names: list[str]) -> None:
   if not np.issubdtype(language_ids.dtype, np.integer):
     raise ValueError(f"language_ids must be integers, got dtype {language_ids.dtype}")
@@ -167,14 +176,7 @@ def classification_metrics(
   }
   if any(len(s) != 1 for s in lengths.values()):
     raise ValueError(f"labels, predictions and language_ids must be 1-D, got shapes {lengths}")
-  if not (len(labels) == len(predictions) == len(language_ids)):
-    raise ValueError(
-        "length mismatch: "
-        f"len(labels)={len(labels)}, len(predictions)={len(predictions)}, "
-        f"len(language_ids)={len(language_ids)}"
-    )
-  if len(labels) == 0:
-    raise ValueError("no examples to evaluate (N = 0)")
+  _check_same_length(labels=labels, predictions=predictions, language_ids=language_ids)
   if num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   for what, arr in (("labels", labels), ("predictions", predictions)):
@@ -254,14 +256,7 @@ def token_metrics(
   names = list(language_names)
   if language_ids.ndim != 1:
     raise ValueError(f"language_ids must be 1-D, got shape {language_ids.shape}")
-  if not (len(gold) == len(pred) == len(language_ids)):
-    raise ValueError(
-        "length mismatch: "
-        f"len(gold_tags)={len(gold)}, len(pred_tags)={len(pred)}, "
-        f"len(language_ids)={len(language_ids)}"
-    )
-  if not gold:
-    raise ValueError("no examples to evaluate (N = 0)")
+  _check_same_length(gold_tags=gold, pred_tags=pred, language_ids=language_ids)
   for i, (g, p) in enumerate(zip(gold, pred)):
     if len(g) != len(p):
       raise ValueError(

@@ -405,21 +405,16 @@ def test_files_integer_labels_sorted_numerically(tmp_path):
       ("a", 4), ("b", 3), ("c", 1), ("d", 2), ("e", 0)]
 
 
-def test_files_split_names(tmp_path):
-  folder = write_nli(tmp_path / "xnli", "jsonl",
-                     names={"train": "xnli_train", "dev": "xnli-validation-part1",
-                            "test": "my_test_part1"})
+@pytest.mark.parametrize("names", [
+    {"train": "xnli_train", "dev": "xnli-validation-part1", "test": "my_test_part1"},
+    # dots inside the name: MultiNLI's and XNLI 1.0's own file names
+    {"train": "multinli_1.0_train", "dev": "xnli.dev", "test": "xnli.test"},
+])
+def test_files_split_names(tmp_path, names):
+  folder = write_nli(tmp_path / "xnli", "jsonl", names=names)
   task = tasks.load_task(data_config(f"files:{folder}/*.jsonl", columns=NLI_COLUMNS))
   assert task.splits["val"] == nli_expected("dev", task.label_names)
   assert task.splits["test"] == nli_expected("test", task.label_names)
-
-
-def test_files_split_names_with_dots(tmp_path):
-  folder = write_nli(tmp_path / "nli", "jsonl",
-                     names={"train": "multinli_1.0_train", "dev": "xnli.dev",
-                            "test": "xnli.test"})
-  task = tasks.load_task(data_config(f"files:{folder}/*.jsonl", columns=NLI_COLUMNS))
-  assert task.splits["val"] == nli_expected("dev", task.label_names)
 
 
 def test_files_token_task_tag_names_sorted_o_first(tmp_path):
