@@ -46,7 +46,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   tc = ml_collections.ConfigDict(dict(
       batch_size=32,              # global batch; a multiple of the mesh's data axis
       eval_batch_size=64,
-      num_epochs=2.0,             # used when num_train_steps <= 0
+      num_epochs=2.0,             # used when num_train_steps < 0
+      # < 0: num_epochs; 0: no training step, the initialised model is evaluated as it is
+      # (the paper's Table 5: a copied student without fine-tuning); > 0: that many steps
       num_train_steps=-1,
       learning_rate=5e-5,
       warmup_ratio=0.1,           # share of the steps with linear warmup
@@ -91,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
       unseen_languages=(),        # evaluated only (zero-shot), added to languages
       train_fraction=1.0,         # per-language share of train kept (seeded, stratified)
       eval_fraction=1.0,          # per-language share of val and test kept
+      # seed of those subsets; -1 -> config.seed. A study fixes it, so that runs of every
+      # seed train on the same subset and are tested on the same sentences as their teacher.
+      subset_seed=-1,
       max_length=128,
       buckets=(32, 64, 128),      # batches are padded to the smallest bucket that fits
   ))
@@ -265,6 +270,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   for field in ("train_fraction", "eval_fraction"):
     if not 0 < float(dc[field]) <= 1:
       raise ConfigError(f"config.data.{field}={dc[field]} must be in (0, 1]")
+  if not isinstance(dc.subset_seed, int) or dc.subset_seed < -1:
+    raise ConfigError(f"config.data.subset_seed={dc.subset_seed!r} must be an int >= 0, or -1 "
+                      "(config.seed)")
   _check_buckets("data", dc)
   _check_max_length("data", dc.max_length)
 
@@ -314,8 +322,8 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     tc = config[name].train
     if tc.batch_size < 1 or tc.eval_batch_size < 1:
       raise ConfigError(f"config.{name}.train.batch_size and eval_batch_size must be >= 1")
-    if tc.num_train_steps <= 0 and tc.num_epochs <= 0:
-      raise ConfigError(f"config.{name}.train: set num_train_steps or num_epochs > 0")
+    if tc.num_train_steps < 0 and tc.num_epochs <= 0:
+      raise ConfigError(f"config.{name}.train: set num_train_steps >= 0 or num_epochs > 0")
 
 
 def _validate_general(config: ml_collections.ConfigDict) -> None:

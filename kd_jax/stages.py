@@ -301,12 +301,13 @@ def _projections(student_cfg: EncoderConfig, teacher_cfg: EncoderConfig | None,
 
 def _schedule(section: str, tc: ml_collections.ConfigDict, data: batching.TokenizedData,
               buckets) -> tuple[int, int]:
-  """(num_steps, steps_per_epoch): train.num_train_steps, else num_epochs epochs."""
+  """(num_steps, steps_per_epoch): train.num_train_steps when >= 0 (0: evaluate the
+  initialised model), else num_epochs epochs."""
   spe = batching.steps_per_epoch(data, tc.batch_size, buckets)
   if spe == 0:
     raise ConfigError(f"config.{section}.train.batch_size={tc.batch_size} is larger than "
                       "every length bucket of the training data")
-  return (tc.num_train_steps if tc.num_train_steps > 0 else math.ceil(tc.num_epochs * spe)), spe
+  return (tc.num_train_steps if tc.num_train_steps >= 0 else math.ceil(tc.num_epochs * spe)), spe
 
 
 def unpad_transforms(config: ml_collections.ConfigDict, mesh) -> tuple[Callable, ...]:

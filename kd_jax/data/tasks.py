@@ -605,7 +605,8 @@ def load_task(data_config, seed: int = 0,
   `data.unseen_languages` are evaluated (val, test); `data.train_languages` (default
   `data.languages`) are trained on; `data.seen_languages` (default the train languages)
   are reported as seen. `data.train_fraction` / `data.eval_fraction` keep a seeded subset
-  of each language stratified by label (`schema.stratified_subset`).
+  of each language stratified by label (`schema.stratified_subset`), drawn with
+  `data.subset_seed` when it is >= 0, else with `seed` (the run's config.seed).
 
   Raises:
     DataError: an unknown task, a missing split or column, a language the source does not
@@ -614,6 +615,8 @@ def load_task(data_config, seed: int = 0,
       split, row or column.
   """
   dc = data_config
+  if dc.get("subset_seed", -1) >= 0:
+    seed = int(dc.subset_seed)
   check_fraction(dc.train_fraction, "config.data.train_fraction")
   check_fraction(dc.eval_fraction, "config.data.eval_fraction")
   source = make_source(dc)

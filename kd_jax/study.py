@@ -1,0 +1,436 @@
+"""A study in one command: a grid of teacher and student runs, then its tables and plots.
+
+  python -m kd_jax.study --study configs/studies/table2.py --workdir runs/table2 \
+      [--index I --count N] [--dry-run] [--report] [-- --config.field=value ...]
+
+A study file is Python, like `configs/`: `get_study()` returns a dict with
+
+* `config`: the base config file (`configs/...`, relative to the current directory or to
+  the repository holding the study file), and `overrides` (field -> value) for every run;
+* `axes`: {axis: {label: {field: value}}}, in order; every combination of one label per
+  axis is one student run, named by its labels joined with "-". A field applies to the
+  teacher and the student, except `student.*`, `distill.*` (student only) and
+  `teacher.train.*` (teacher only); `teacher:<field>` / `student:<field>` say it
+  explicitly (`student:seed`: students of several seeds share one teacher);
+* `seed_axis` (default "seed"): the axis that results are averaged over;
+* `tables`, `comparisons`, `plots`, `paper`, `budget`: what the report shows
+  (`kd_jax.study_report`).
+
+The runner trains each distinct teacher once (the teacher is identified by the overrides
+that reach it) and every student from its teacher's stage dir, each as one
+`python -m kd_jax.main` process under `<workdir>/runs/<name>`. A finished run (its result
+file exists) is skipped, a stopped one resumes from its checkpoint (kd_jax.main does
+that), a failed one is recorded and its students are skipped. `--index I --count N` runs
+the I-th of N disjoint shares (teachers and students dealt round robin), so N processes
+or hosts on a shared workdir cover the grid once; a student whose teacher is another
+share's waits for it. `<workdir>/manifest.json` lists every run and its state; when the
+runs of this share are done, the report is written (`kd_jax.study_report.write_report`).
+SIGTERM stops the run in progress (it saves a checkpoint) and the study after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+from etils import epath
+
+from kd_jax import paths
+
+STUDENT_ONLY = ("student.", "distill.", "teacher.checkpoint")
+TEACHER_ONLY = ("teacher.train.",)
+SCOPES = ("teacher", "student")
+STATES = ("pending", "running", "stopped", "failed", "finished")
+MANIFEST = "manifest.json"
+RUN_RECORD = "study_run.json"  # per run: command, return codes, wall time
+
+
+class StudyError(ValueError):
+  """A study file (or its use) that cannot run; the message names the file and field."""
+
+
+def seeds(values: Sequence[int], field: str = "student:seed") -> dict[str, dict]:
+  """A seed axis: {"seed0": {"student:seed": 0}, ...}. With the default field the students
+  of every seed distill from one teacher (as in the paper: one teacher, three student
+  seeds); `field="seed"` trains one teacher per seed."""
+  return {f"seed{v}": {field: int(v)} for v in values}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A parsed study file (see the module docstring)."""
+  path: str
+  config: str
+  axes: dict[str, dict[str, dict[str, Any]]]
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  seed_axis: str = "seed"
+  tables: tuple[dict, ...] = ()
+  comparisons: tuple[dict, ...] = ()
+  plots: tuple[dict, ...] = ()
+  paper: dict = dataclasses.field(default_factory=dict)
+  budget: str = ""
+  title: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One kd_jax.main run of a study: a teacher (finetune_teacher) or a student (distill).
+  `labels`: (axis, label) pairs: all axes for a student, those that change the teacher
+  for a teacher. `overrides`: config field -> value, without the stage and teacher link."""
+  name: str
+  kind: str
+  labels: tuple[tuple[str, str], ...]
+  overrides: tuple[tuple[str, Any], ...]
+  teacher: str | None = None
+
+  @property
+  def stage(self) -> str:
+    return "finetune_teacher" if self.kind == "teacher" else "distill"
+
+  @property
+  def stage_name(self) -> str:
+    return "teacher" if self.kind == "teacher" else "student"
+
+  def workdir(self, root: epath.Path) -> epath.Path:
+    return root / "runs" / self.name
+
+  def stage_dir(self, root: epath.Path) -> epath.Path:
+    return self.workdir(root) / self.stage_name
+
+  def result_file(self, root: epath.Path) -> epath.Path:
+    return self.stage_dir(root) / "test.json"
+
+
+# ---------------------------------------------------------------------------
+# the study file
+# ---------------------------------------------------------------------------
+def _resolve_config_file(name: str, study_path: epath.Path) -> str:
+  for base in (epath.Path(os.getcwd()), *study_path.parents):
+    candidate = base / name
+    if candidate.is_file():
+      return os.fspath(candidate)
+  raise StudyError(f"{study_path}: config={name!r} is not a file (looked in the current "
+                   "directory and above the study file)")
+
+
+def _split_scope(field: str) -> tuple[str | None, str]:
+  if ":" in field:
+    scope, field = field.split(":", 1)
+    return scope, field
+  return None, field
+
+
+def load_study(path: str | os.PathLike) -> Study:
+  """Reads and checks `get_study()` of a study file.
+
+  Raises:
+    StudyError naming the file and the field: no such file, no get_study(), no config or
+      axes, an axis without labels, a label that is not a plain name, an override that
+      is not {field: value}, an unknown scope, or a seed axis that is not an axis.
+  """
+  p = paths.resolve(path)
+  if not p.is_file():
+    raise StudyError(f"--study {path}: no such file")
+  spec = importlib.util.spec_from_file_location(f"_kd_jax_study_{p.stem}", os.fspath(p))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_study"):
+    raise StudyError(f"{p}: defines no get_study()")
+  raw = dict(module.get_study())
+  known = {f.name for f in dataclasses.fields(Study)} - {"path"}
+  unknown = sorted(set(raw) - known)
+  if unknown:
+    raise StudyError(f"{p}: get_study() has unknown keys {unknown}; known: {sorted(known)}")
+  if not raw.get("config"):
+    raise StudyError(f"{p}: get_study() names no config (the base config file)")
+  axes = raw.get("axes") or {}
+  if not axes:
+    raise StudyError(f"{p}: get_study() has no axes")
+  checked = {}
+  for axis, labels in axes.items():
+    if not isinstance(labels, Mapping) or not labels:
+      raise StudyError(f"{p}: axes[{axis!r}] must be a non-empty {{label: overrides}} dict")
+    for label, overrides in labels.items():
+      if not label or any(c in str(label) for c in "/-: ") or str(label).startswith("."):
+        raise StudyError(f"{p}: axes[{axis!r}] label {label!r} must be a plain name "
+                         "(no '/', '-', ':' or spaces)")
+      if not isinstance(overrides, Mapping):
+        raise StudyError(f"{p}: axes[{axis!r}][{label!r}] must be a {{field: value}} dict")
+      for field in overrides:
+        scope, _ = _split_scope(field)
+        if scope is not None and scope not in SCOPES:
+          raise StudyError(f"{p}: axes[{axis!r}][{label!r}] field {field!r}: the scope must "
+                           f"be one of {list(SCOPES)}")
+    checked[str(axis)] = {str(k): dict(v) for k, v in labels.items()}
+  study = Study(path=os.fspath(p), config=_resolve_config_file(raw["config"], p), axes=checked,
+                overrides=dict(raw.get("overrides", {})),
+                seed_axis=raw.get("seed_axis", "seed"),
+                tables=tuple(raw.get("tables", ())),
+                comparisons=tuple(raw.get("comparisons", ())),
+                plots=tuple(raw.get("plots", ())), paper=dict(raw.get("paper", {})),
+                budget=str(raw.get("budget", "")), title=str(raw.get("title", p.stem)))
+  if "seed_axis" in raw and study.seed_axis not in checked:
+    raise StudyError(f"{p}: seed_axis={study.seed_axis!r} is not one of the axes "
+                     f"{list(checked)}")
+  return study
+
+
+def _scoped(overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(teacher overrides, student overrides) of one {field: value} dict."""
+  teacher, student = {}, {}
+  for field, value in overrides.items():
+    scope, name = _split_scope(field)
+    if scope in (None, "teacher") and not (scope is None and name.startswith(STUDENT_ONLY)):
+      teacher[name] = value
+    if scope in (None, "student") and not (scope is None and name.startswith(TEACHER_ONLY)):
+      student[name] = value
+  return teacher, student
+
+
+def expand(study: Study) -> list[Run]:
+  """Every run of the grid: the distinct teachers (in order of first use), then one
+  student per combination of axis labels (the axes' order; the last axis varies fastest).
+  Run names: students "<label>-<label>-...", teachers "teacher[-<label>...]" with the
+  labels of the axes that reach the teacher (an axis with a teacher field in any label)."""
+  base_teacher, base_student = _scoped(study.overrides)
+  teacher_axes = [axis for axis, labels in study.axes.items()
+                  if any(_scoped(o)[0] for o in labels.values())]
+  teachers: dict[str, Run] = {}
+  students = []
+  for combo in itertools.product(*[list(labels.items()) for labels in study.axes.values()]):
+    labels = tuple((axis, label) for axis, (label, _) in zip(study.axes, combo))
+    t_over, s_over = dict(base_teacher), dict(base_student)
+    t_labels = [(axis, label) for axis, label in labels if axis in teacher_axes]
+    for (axis, label), (_, overrides) in zip(labels, combo):
+      t, s = _scoped(overrides)
+      t_over.update(t)
+      s_over.update(s)
+    key = json.dumps(sorted(t_over.items()), default=repr)
+    if key not in teachers:
+      name = "-".join(["teacher", *(label for _, label in t_labels)])
+      teachers[key] = Run(name=name, kind="teacher", labels=tuple(t_labels),
+                          overrides=tuple(t_over.items()))
+    students.append(Run(name="-".join(label for _, label in labels), kind="student",
+                        labels=labels, overrides=tuple(s_over.items()),
+                        teacher=teachers[key].name))
+  return [*teachers.values(), *students]
+
+
+def share(runs: Sequence[Run], index: int, count: int) -> list[Run]:
+  """The runs of share `index` of `count`: teachers and students each dealt round robin
+  in grid order, so the shares are disjoint and cover the grid. Raises StudyError for an
+  index outside 0..count-1."""
+  if count < 1 or not 0 <= index < count:
+    raise StudyError(f"--index {index} --count {count}: need 0 <= index < count")
+  teachers = [r for r in runs if r.kind == "teacher"]
+  students = [r for r in runs if r.kind == "student"]
+  return teachers[index::count] + students[index::count]
+
+
+# ---------------------------------------------------------------------------
+# commands and state
+# ---------------------------------------------------------------------------
+def flag_value(value: Any) -> str:
+  """A config value as ml_collections parses it from the command line: strings as they
+  are, tuples and lists as a Python tuple literal, numbers and bools by repr."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  return repr(value)
+
+
+def command(run: Run, study: Study, root: epath.Path, *, python: str = sys.executable,
+            extra: Sequence[str] = ()) -> list[str]:
+  """The `python -m kd_jax.main` argv of `run` (absolute workdir and teacher dir)."""
+  overrides = dict(run.overrides)
+  overrides["stages"] = (run.stage,)
+  if run.kind == "student":
+    overrides["teacher.checkpoint"] = os.fspath(
+        root / "runs" / run.teacher / "teacher")
+  return [python, "-m", "kd_jax.main", f"--config={study.config}",
+          f"--workdir={run.workdir(root)}",
+          *(f"--config.{k}={flag_value(v)}" for k, v in overrides.items()), *extra]
+
+
+def read_record(run: Run, root: epath.Path) -> dict:
+  f = run.workdir(root) / RUN_RECORD
+  return json.loads(f.read_text()) if f.exists() else {}
+
+
+def state(run: Run, root: epath.Path) -> str:
+  """finished (result file) | running (lock held) | failed (last attempt's exit code
+  not 0) | stopped (a checkpoint) | pending."""
+  if run.result_file(root).exists():
+    return "finished"
+  if (run.workdir(root) / "kd_jax.lock").exists():
+    return "running"
+  if read_record(run, root).get("returncode", 0) != 0:
+    return "failed"
+  if (run.stage_dir(root) / "checkpoints").exists():
+    return "stopped"
+  return "pending"
+
+
+def write_manifest(study: Study, runs: Sequence[Run], root: epath.Path) -> dict:
+  """`<workdir>/manifest.json`: the study file, base config and every run with its
+  kind, labels, teacher, state, command and wall time (seconds, over all attempts)."""
+  entries = []
+  for run in runs:
+    record = read_record(run, root)
+    entries.append({"name": run.name, "kind": run.kind, "labels": dict(run.labels),
+                    "teacher": run.teacher, "state": state(run, root),
+                    "workdir": os.fspath(run.workdir(root)),
+                    "overrides": {k: v for k, v in run.overrides},
+                    "wall_s": record.get("wall_s", 0.0),
+                    "command": record.get("command")})
+  counts = {s: sum(e["state"] == s for e in entries) for s in STATES}
+  manifest = {"study": study.path, "config": study.config, "counts": counts, "runs": entries}
+  root.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, default=repr) + "\n")
+  return manifest
+
+
+class _Stop:
+  """SIGTERM / SIGINT: passed on to the run in progress (which saves and exits), and the
+  study stops after it."""
+
+  def __init__(self):
+    self.requested, self.child = False, None
+
+  def handle(self, signum, frame):
+    del frame
+    self.requested = True
+    if self.child is not None and self.child.poll() is None:
+      self.child.send_signal(signal.SIGTERM)
+    logging.warning("signal %d: stopping the study after the run in progress", signum)
+
+
+def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> int:
+  """Runs one kd_jax.main process; its output goes to <run>/study.log; records the
+  command, exit code and accumulated wall time in <run>/study_run.json."""
+  workdir = run.workdir(root)
+  workdir.mkdir(parents=True, exist_ok=True)
+  record = read_record(run, root)
+  start = time.time()
+  with open(os.fspath(workdir / "study.log"), "a") as log:
+    log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {subprocess.list2cmdline(argv)}\n")
+    log.flush()
+    stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    rc = stop.child.wait()
+    stop.child = None
+  record.update(command=subprocess.list2cmdline(argv), returncode=rc,
+                wall_s=record.get("wall_s", 0.0) + time.time() - start,
+                attempts=record.get("attempts", 0) + 1)
+  paths.write_text_atomic(workdir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+  return rc
+
+
+def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count: int = 1,
+              python: str = sys.executable, extra: Sequence[str] = (), dry_run: bool = False,
+              poll_s: float = 30.0, out: Callable[[str], None] = print) -> int:
+  """Runs share `index` of `count` of the study's grid under `workdir` (see the module
+  docstring); `extra`: config flags added to every run. Returns 0 when every run of the
+  share finished, 1 when one failed or was skipped, 130 when stopped by a signal.
+  With `dry_run`, prints the commands still to run and runs nothing."""
+  root = paths.resolve(workdir)
+  runs = expand(study)
+  mine = share(runs, index, count)
+  by_name = {r.name: r for r in runs}
+  if dry_run:
+    for run in mine:
+      if state(run, root) != "finished":
+        out(subprocess.list2cmdline(command(run, study, root, python=python, extra=extra)))
+    return 0
+  env = dict(os.environ)
+  stop, rc_total = _Stop(), 0
+  previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    write_manifest(study, runs, root)
+    for i, run in enumerate(mine):
+      if stop.requested:
+        break
+      current = state(run, root)
+      if current == "finished":
+        continue
+      if run.teacher is not None:
+        teacher = by_name[run.teacher]
+        while state(teacher, root) not in ("finished", "failed") and not stop.requested:
+          if teacher in mine and mine.index(teacher) < i:
+            break  # this share's teacher did not finish (stopped): nothing to wait for
+          out(f"[study] {run.name}: waiting for {teacher.name} (another share)")
+          time.sleep(poll_s)
+        if state(teacher, root) != "finished":
+          out(f"[study] {run.name}: skipped, its teacher {teacher.name} is "
+              f"{state(teacher, root)}")
+          rc_total = 1
+          continue
+      argv = command(run, study, root, python=python, extra=extra)
+      out(f"[study] {run.name} ({current}): {subprocess.list2cmdline(argv)}")
+      rc = _execute(run, argv, root, stop, env)
+      out(f"[study] {run.name}: {state(run, root)} (exit {rc}, "
+          f"{read_record(run, root)['wall_s']:.0f} s)")
+      if rc != 0 and not stop.requested:
+        rc_total = 1
+      write_manifest(study, runs, root)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  write_manifest(study, runs, root)
+  if stop.requested:
+    out("[study] stopped; run the same command again to resume")
+    return 130
+  return rc_total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra: list[str] = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, extra = argv[:i], argv[i + 1:]
+  p = argparse.ArgumentParser(prog="python -m kd_jax.study", description=__doc__.split("\n")[0],
+                              epilog="Arguments after `--` go to every kd_jax.main run.")
+  p.add_argument("--study", required=True, help="study file with get_study()")
+  p.add_argument("--workdir", required=True, help="the study's directory")
+  p.add_argument("--index", type=int, default=0, help="this share, 0..count-1")
+  p.add_argument("--count", type=int, default=1, help="number of shares (processes, hosts)")
+  p.add_argument("--python", default=sys.executable, help="interpreter of the runs")
+  p.add_argument("--dry-run", action="store_true", help="print the commands still to run")
+  p.add_argument("--report", action="store_true",
+                 help="only write the report (tables, plots) of the finished runs")
+  p.add_argument("--poll", type=float, default=30.0, help="seconds between teacher checks")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    study = load_study(args.study)
+    share(expand(study), args.index, args.count)
+  except StudyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  rc = 0
+  if not args.report:
+    rc = run_study(study, args.workdir, index=args.index, count=args.count, python=args.python,
+                   extra=extra, dry_run=args.dry_run, poll_s=args.poll,
+                   out=lambda s: print(s, flush=True))
+  if args.dry_run or rc == 130:
+    return rc
+  from kd_jax import study_report
+  report = study_report.write_report(study, args.workdir)
+  print(f"[study] report: {report}", flush=True)
+  return rc
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The study runner (kd_jax.study) and its report (kd_jax.study_report): the grid's
+teachers and students, shares, commands, skipping and resuming, aggregation against hand
+computation, tables, comparisons and plots; and a tiny grid run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from etils import epath
+
+from kd_jax import study as study_lib
+from kd_jax import study_report
+
+from conftest import ROOT
+
+STUDY = '''
+from kd_jax.study import seeds
+
+def get_study():
+  return dict(
+      config={config!r},
+      overrides={{"data.train_fraction": 0.5}},
+      axes=dict(
+          data={{"all": {{}}, "en": {{"data.train_languages": ("english",)}}}},
+          init={{"from_teacher": {{"student.init": "from_teacher"}},
+                "from_base": {{"student.init": "from_base"}}}},
+          seed=seeds((0, 1))),
+      tables=[dict(name="t2", rows="init", columns="data")],
+      comparisons=[dict(axis="init", a="from_teacher", b="from_base")],
+      plots=[dict(name="bars", kind="languages", bars="init", where={{"data": "all"}})],
+  )
+'''
+
+
+def write_study(tmp_path, body=STUDY, config="configs/default.py"):
+  f = tmp_path / "study.py"
+  f.write_text(body.format(config=config))
+  return study_lib.load_study(f)
+
+
+def test_grid_trains_each_teacher_once_and_scopes_fields(tmp_path):
+  study = write_study(tmp_path)
+  runs = study_lib.expand(study)
+  teachers = [r for r in runs if r.kind == "teacher"]
+  students = [r for r in runs if r.kind == "student"]
+  # student.init never reaches the teacher and the seeds are student:seed: one teacher
+  # per training-data label.
+  assert [t.name for t in teachers] == ["teacher-all", "teacher-en"]
+  assert dict(teachers[1].overrides) == {"data.train_fraction": 0.5,
+                                         "data.train_languages": ("english",)}
+  assert len(students) == 8 and students[0].name == "all-from_teacher-seed0"
+  assert dict(students[1].overrides) == {"data.train_fraction": 0.5,
+                                         "student.init": "from_teacher", "seed": 1}
+  assert {s.teacher for s in students if dict(s.labels)["data"] == "en"} == {"teacher-en"}
+  argv = study_lib.command(students[1], study, epath.Path("/w"), python="py")
+  assert argv == ["py", "-m", "kd_jax.main", f"--config={ROOT / 'configs/default.py'}",
+                  "--workdir=/w/runs/all-from_teacher-seed1",
+                  "--config.data.train_fraction=0.5", "--config.student.init=from_teacher",
+                  "--config.seed=1", "--config.stages=('distill',)",
+                  "--config.teacher.checkpoint=/w/runs/teacher-all/teacher"]
+  assert study_lib.command(teachers[1], study, epath.Path("/w"), python="py")[5:] == [
+      "--config.data.train_fraction=0.5", "--config.data.train_languages=('english',)",
+      "--config.stages=('finetune_teacher',)"]
+  # One teacher per seed when the seed axis reaches the teacher.
+  per_seed = write_study(tmp_path, STUDY.replace("seeds((0, 1))", 'seeds((0, 1), "seed")'))
+  assert len([r for r in study_lib.expand(per_seed) if r.kind == "teacher"]) == 4
+
+
+def test_shares_are_disjoint_and_cover_the_grid(tmp_path):
+  runs = study_lib.expand(write_study(tmp_path))
+  shares = [study_lib.share(runs, i, 3) for i in range(3)]
+  names = [r.name for s in shares for r in s]
+  assert sorted(names) == sorted(r.name for r in runs) and len(set(names)) == len(runs)
+  assert all(s[0].kind == "teacher" for s in shares[:2])  # teachers first in each share
+  with pytest.raises(study_lib.StudyError, match="--index 3 --count 3"):
+    study_lib.share(runs, 3, 3)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("x = 1\n", "defines no get_study"),
+    ("def get_study():\n  return dict(config='configs/default.py')\n", "has no axes"),
+    ("def get_study():\n  return dict(config='nope.py', axes={'a': {'x': {}}})\n",
+     "config='nope.py' is not a file"),
+    ("def get_study():\n  return dict(config='configs/default.py', axes={'a': {'x-y': {}}})\n",
+     "label 'x-y' must be a plain name"),
+    ("def get_study():\n  return dict(config='configs/default.py', axes={'a': {'x': {}}},"
+     " tabels=[])\n", "unknown keys \\['tabels'\\]"),
+    ("def get_study():\n  return dict(config='configs/default.py',"
+     " axes={'a': {'x': {'both:seed': 1}}})\n", "field 'both:seed': the scope"),
+])
+def test_study_file_errors_name_the_file_and_field(tmp_path, body, message):
+  f = tmp_path / "bad.py"
+  f.write_text(body)
+  with pytest.raises(study_lib.StudyError, match=message) as e:
+    study_lib.load_study(f)
+  assert str(f) in str(e.value)
+
+
+def _fake_result(path, per_language, teacher=None):
+  """A test.json as the evaluator writes it (macro-F1, two languages)."""
+  result = {"metric": "macro_f1", "per_language": {k: {"macro_f1": v}
+                                                   for k, v in per_language.items()},
+            "avg_macro_f1": float(np.mean(list(per_language.values()))),
+            "overall": {"macro_f1": float(np.mean(list(per_language.values()))) - 1.0}}
+  if teacher:
+    result["retention"] = {"avg": 100 * result["avg_macro_f1"] / teacher}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result))
+
+
+def test_report_aggregates_seeds_compares_pairs_and_plots(tmp_path):
+  study = write_study(tmp_path)
+  root = tmp_path / "w"
+  _fake_result(root / "runs/teacher-all/teacher/test.json", {"english": 70.0, "hindi": 60.0})
+  scores = {("from_teacher", 0): (62.0, 50.0), ("from_teacher", 1): (60.0, 54.0),
+            ("from_base", 0): (58.0, 44.0), ("from_base", 1): (57.0, 49.0)}
+  for (init, seed), (en, hi) in scores.items():
+    _fake_result(root / f"runs/all-{init}-seed{seed}/student/test.json",
+                 {"english": en, "hindi": hi}, teacher=65.0)
+  report = study_report.write_report(study, root)
+  results = json.loads((root / "results.json").read_text())
+  cell = results["cells"]["all-from_teacher"]["metrics"]
+  # avg per seed: (62 + 50) / 2 = 56, (60 + 54) / 2 = 57 -> mean 56.5, sample std 0.7071
+  assert cell["avg"]["values"] == {"seed0": 56.0, "seed1": 57.0}
+  assert cell["avg"]["mean"] == pytest.approx(56.5)
+  assert cell["avg"]["std"] == pytest.approx(np.sqrt(0.5))
+  assert cell["lang:hindi"]["mean"] == pytest.approx(52.0)
+  assert cell["retention_avg"]["mean"] == pytest.approx(100 * 56.5 / 65.0)
+  # Pairs of the same seed: 56 - 51 = 5 and 57 - 53 = 4 -> mean 4.5, std 0.7071;
+  # t = 4.5 / (0.7071 / sqrt 2) = 9, two-sided p with 1 dof = 0.0704.
+  comparison = results["comparisons"][0]
+  assert comparison["n"] == 2 and comparison["mean"] == pytest.approx(4.5)
+  assert comparison["std"] == pytest.approx(np.sqrt(0.5))
+  assert comparison["p_value"] == pytest.approx(0.07045, abs=1e-4)
+  assert comparison["verdict"] == "inconclusive"
+  text = report.read_text()
+  assert "| init | all | en |" in text
+  assert "| teacher | 65.00 | - |" in text
+  assert "| from_teacher | 56.50 ± 0.71 | - |" in text
+  assert "| init: from_teacher > from_base | avg | 2 | 4.50 | 0.71 | 0.070 | inconclusive |" in text
+  png = root / "bars.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![" in text
+  assert results["runs"]["en-from_base-seed1"]["state"] == "pending"
+
+
+def test_training_loss_curve_from_event_files(tmp_path):
+  from clu import metric_writers
+  writer = metric_writers.create_default_writer(str(tmp_path))
+  for step, loss in ((10, 1.5), (20, 1.25), (30, 0.75)):
+    writer.write_scalars(step, {"train/loss": loss, "train/clf": loss / 2})
+  writer.flush()
+  assert study_report.train_curve(epath.Path(tmp_path)) == ([10, 20, 30], [1.5, 1.25, 0.75])
+  assert study_report.train_curve(epath.Path(tmp_path), "train/clf")[1] == [0.75, 0.625, 0.375]
+
+
+TINY_BASE = '''
+from kd_jax import config_base
+
+
+def get_config():
+  config = config_base.base_config()
+  config.model = {model!r}
+  config.data.data_dir = {data!r}
+  config.data.languages = ("english", "arabic")
+  config.data.train_fraction = 0.02
+  config.data.eval_fraction = 0.05
+  config.data.subset_seed = 0
+  config.data.max_length = 32
+  config.data.buckets = (32,)
+  for name in ("teacher", "student"):
+    config[name].train = config_base.train_config(
+        batch_size=8, eval_batch_size=32, num_train_steps=6, learning_rate=1e-3,
+        eval_every_steps=3, checkpoint_every_steps=2, log_every_steps=2)
+  config.student.num_layers = 2
+  return config
+'''
+
+TINY_STUDY = '''
+from kd_jax.study import seeds
+
+
+def get_study():
+  return dict(
+      config="base.py",
+      axes=dict(init={"from_teacher": {"student.init": "from_teacher"},
+                      "from_base": {"student.init": "from_base"}},
+                seed=seeds((0, 1))),
+      tables=[dict(name="t", rows="init", columns=())],
+      comparisons=[dict(axis="init", a="from_teacher", b="from_base")],
+      plots=[dict(name="loss", kind="loss", lines="init"),
+             dict(name="bars", kind="languages", bars="init")],
+  )
+'''
+
+
+def _study(cwd, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "kd_jax.study", "--study", "study.py",
+                         "--workdir", "w", "--poll", "1", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
+                                                 synthetic_data_dir):
+  """Two shares over 1 teacher + 4 students; share 0's students are stopped after 2 of 6
+  steps (`stop_after_steps`), share 1's finish; then one full run resumes exactly the
+  stopped ones, skips everything else, and writes the report."""
+  (tmp_path / "base.py").write_text(TINY_BASE.format(model=str(synthetic_model_dir),
+                                                     data=str(synthetic_data_dir)))
+  (tmp_path / "study.py").write_text(TINY_STUDY)
+  first = _study(tmp_path, "--index", "0", "--count", "2", "--",
+                 "--config.student.train.stop_after_steps=2")
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+  second = _study(tmp_path, "--index", "1", "--count", "2")
+  assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+  root = tmp_path / "w"
+  manifest = json.loads((root / "manifest.json").read_text())
+  states = {r["name"]: r["state"] for r in manifest["runs"]}
+  assert states == {"teacher": "finished", "from_teacher-seed0": "stopped",
+                    "from_teacher-seed1": "finished", "from_base-seed0": "stopped",
+                    "from_base-seed1": "finished"}
+  dry = _study(tmp_path, "--dry-run")
+  assert dry.stdout.count("kd_jax.main") == 2 and "from_teacher-seed0" in dry.stdout
+
+  third = _study(tmp_path)
+  assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+  attempts = {r["name"]: json.loads((root / "runs" / r["name"] / "study_run.json").read_text()
+                                    )["attempts"] for r in manifest["runs"]}
+  assert attempts == {"teacher": 1, "from_teacher-seed0": 2, "from_teacher-seed1": 1,
+                      "from_base-seed0": 2, "from_base-seed1": 1}
+  assert "resumed" in (root / "runs/from_base-seed0/study.log").read_text()
+  assert _study(tmp_path, "--dry-run").stdout == ""
+  results = json.loads((root / "results.json").read_text())
+  for init in ("from_teacher", "from_base"):
+    values = [json.loads((root / f"runs/{init}-seed{s}/student/test.json").read_text()
+                         )["avg_macro_f1"] for s in (0, 1)]
+    entry = results["cells"][init]["metrics"]["avg"]
+    assert entry["mean"] == pytest.approx(np.mean(values))
+    assert entry["std"] == pytest.approx(np.std(values, ddof=1))
+  assert (root / "loss.png").is_file() and (root / "bars.png").is_file()
+  assert "## Paired comparisons" in (root / "report.md").read_text()
