@@ -10,7 +10,8 @@ A study file is Python, like `configs/`: `get_study()` returns a dict with
 * `axes`: {axis: {label: {field: value}}}, in order; every combination of one label per
   axis is one student run, named by its labels joined with "-". A field applies to the
   teacher and the student, except `student.*`, `distill.*` (student only) and
-  `teacher.train.*` (teacher only); `teacher:<field>` / `student:<field>` say it
+  `teacher.train.*` (teacher only), `general.*` (student only); `teacher:<field>` /
+  `student:<field>` say it
   explicitly (`student:seed`: students of several seeds share one teacher);
 * `seed_axis` (default "seed"): the axis that results are averaged over;
 * `tables`, `comparisons`, `plots`, `paper`, `budget`: what the report shows
@@ -37,6 +38,7 @@ import itertools
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,7 +50,7 @@ from etils import epath
 
 from kd_jax import paths
 
-STUDENT_ONLY = ("student.", "distill.", "teacher.checkpoint")
+STUDENT_ONLY = ("student.", "distill.", "general.", "teacher.checkpoint", "stages")
 TEACHER_ONLY = ("teacher.train.",)
 SCOPES = ("teacher", "student")
 STATES = ("pending", "running", "stopped", "failed", "finished")
@@ -74,6 +76,7 @@ class Study:
   config: str
   axes: dict[str, dict[str, dict[str, Any]]]
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  skip: tuple[dict[str, str], ...] = ()
   seed_axis: str = "seed"
   tables: tuple[dict, ...] = ()
   comparisons: tuple[dict, ...] = ()
@@ -144,7 +147,11 @@ def load_study(path: str | os.PathLike) -> Study:
     raise StudyError(f"--study {path}: no such file")
   spec = importlib.util.spec_from_file_location(f"_kd_jax_study_{p.stem}", os.fspath(p))
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.path.insert(0, os.fspath(p.parent))  # study files may import their neighbours
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(os.fspath(p.parent))
   if not hasattr(module, "get_study"):
     raise StudyError(f"{p}: defines no get_study()")
   raw = dict(module.get_study())
@@ -175,11 +182,17 @@ def load_study(path: str | os.PathLike) -> Study:
     checked[str(axis)] = {str(k): dict(v) for k, v in labels.items()}
   study = Study(path=os.fspath(p), config=_resolve_config_file(raw["config"], p), axes=checked,
                 overrides=dict(raw.get("overrides", {})),
+                skip=tuple(dict(x) for x in raw.get("skip", ())),
                 seed_axis=raw.get("seed_axis", "seed"),
                 tables=tuple(raw.get("tables", ())),
                 comparisons=tuple(raw.get("comparisons", ())),
                 plots=tuple(raw.get("plots", ())), paper=dict(raw.get("paper", {})),
                 budget=str(raw.get("budget", "")), title=str(raw.get("title", p.stem)))
+  for rule in study.skip:
+    for axis, label in rule.items():
+      if axis not in checked or label not in checked[axis]:
+        raise StudyError(f"{p}: skip {rule} names {axis}={label!r}, which is not an axis "
+                         "label of the study")
   if "seed_axis" in raw and study.seed_axis not in checked:
     raise StudyError(f"{p}: seed_axis={study.seed_axis!r} is not one of the axes "
                      f"{list(checked)}")
@@ -210,6 +223,8 @@ def expand(study: Study) -> list[Run]:
   students = []
   for combo in itertools.product(*[list(labels.items()) for labels in study.axes.values()]):
     labels = tuple((axis, label) for axis, (label, _) in zip(study.axes, combo))
+    if any(all(dict(labels)[a] == l for a, l in rule.items()) for rule in study.skip):
+      continue
     t_over, s_over = dict(base_teacher), dict(base_student)
     t_labels = [(axis, label) for axis, label in labels if axis in teacher_axes]
     for (axis, label), (_, overrides) in zip(labels, combo):
@@ -229,13 +244,20 @@ def expand(study: Study) -> list[Run]:
 
 def share(runs: Sequence[Run], index: int, count: int) -> list[Run]:
   """The runs of share `index` of `count`: teachers and students each dealt round robin
-  in grid order, so the shares are disjoint and cover the grid. Raises StudyError for an
-  index outside 0..count-1."""
+  in grid order, so the shares are disjoint and cover the grid; each teacher comes just
+  before the first student that needs it. Raises StudyError for an index outside
+  0..count-1."""
   if count < 1 or not 0 <= index < count:
     raise StudyError(f"--index {index} --count {count}: need 0 <= index < count")
   teachers = [r for r in runs if r.kind == "teacher"]
   students = [r for r in runs if r.kind == "student"]
-  return teachers[index::count] + students[index::count]
+  first_use = {}
+  for i, s in enumerate(students):
+    first_use.setdefault(s.teacher, i)
+  # Each teacher just before the first student (of any share) that needs it.
+  order = {r.name: first_use.get(r.name, len(students)) - 0.5 for r in teachers}
+  order.update({r.name: float(i) for i, r in enumerate(students)})
+  return sorted(teachers[index::count] + students[index::count], key=lambda r: order[r.name])
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +277,8 @@ def command(run: Run, study: Study, root: epath.Path, *, python: str = sys.execu
             extra: Sequence[str] = ()) -> list[str]:
   """The `python -m kd_jax.main` argv of `run` (absolute workdir and teacher dir)."""
   overrides = dict(run.overrides)
-  overrides["stages"] = (run.stage,)
+  if run.kind == "teacher" or "stages" not in overrides:
+    overrides["stages"] = (run.stage,)
   if run.kind == "student":
     overrides["teacher.checkpoint"] = os.fspath(
         root / "runs" / run.teacher / "teacher")
@@ -325,12 +348,12 @@ def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> i
   record = read_record(run, root)
   start = time.time()
   with open(os.fspath(workdir / "study.log"), "a") as log:
-    log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {subprocess.list2cmdline(argv)}\n")
+    log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
     log.flush()
     stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     rc = stop.child.wait()
     stop.child = None
-  record.update(command=subprocess.list2cmdline(argv), returncode=rc,
+  record.update(command=shlex.join(argv), returncode=rc,
                 wall_s=record.get("wall_s", 0.0) + time.time() - start,
                 attempts=record.get("attempts", 0) + 1)
   paths.write_text_atomic(workdir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
@@ -351,7 +374,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
   if dry_run:
     for run in mine:
       if state(run, root) != "finished":
-        out(subprocess.list2cmdline(command(run, study, root, python=python, extra=extra)))
+        out(shlex.join(command(run, study, root, python=python, extra=extra)))
     return 0
   env = dict(os.environ)
   stop, rc_total = _Stop(), 0
@@ -377,7 +400,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
           rc_total = 1
           continue
       argv = command(run, study, root, python=python, extra=extra)
-      out(f"[study] {run.name} ({current}): {subprocess.list2cmdline(argv)}")
+      out(f"[study] {run.name} ({current}): {shlex.join(argv)}")
       rc = _execute(run, argv, root, stop, env)
       out(f"[study] {run.name}: {state(run, root)} (exit {rc}, "
           f"{read_record(run, root)['wall_s']:.0f} s)")

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from kd_jax import paths
-from kd_jax.study import Run, Study, StudyError, expand, read_record, state
+from kd_jax.study import Study, StudyError, expand, read_record, state
 
 METRICS = ("avg", "seen_avg", "unseen_avg", "overall", "retention_avg",
            "retention_seen_avg", "retention_unseen_avg")
@@ -120,7 +120,8 @@ def format_table(study: Study, collected: Mapping, spec: Mapping) -> str:
   or a tuple of axes), columns = those of `spec["columns"]`, each cell the metric's
   mean ± std over seeds (`spec["metric"]`, default "avg"), with the paper's value in
   brackets where `study.paper[spec["paper"]]` has one ({(row, column): value}, the
-  column named by its labels joined with "/"). A first row "teacher" (unless
+  column named by its labels joined with "/"). `spec["extra_rows"]`: {row name: {column:
+  value}} printed as given (e.g. the chance score 100 / classes). A first row "teacher" (unless
   `spec["teacher"]` is False) gives the teachers of each column's cells. The axes left
   (neither rows, columns, seed nor fixed by `spec["where"]`) make one table per label
   combination. Raises StudyError for an axis the study lacks."""
@@ -162,6 +163,10 @@ def format_table(study: Study, collected: Mapping, spec: Mapping) -> str:
         cells.append(text(_teacher_summary(collected, teachers, metric),
                           ("teacher", "/".join(c))))
       lines.append("| " + " | ".join(cells) + " |")
+    for name, values in spec.get("extra_rows", {}).items():
+      lines.append("| " + " | ".join([name] + [
+          f"{values['/'.join(c)]:.2f}" if "/".join(c) in values else "-"
+          for c in labels(columns)]) + " |")
     for r in labels(rows):
       cells = ["/".join(r)]
       for c in labels(columns):

@@ -74,7 +74,11 @@ def test_shares_are_disjoint_and_cover_the_grid(tmp_path):
   shares = [study_lib.share(runs, i, 3) for i in range(3)]
   names = [r.name for s in shares for r in s]
   assert sorted(names) == sorted(r.name for r in runs) and len(set(names)) == len(runs)
-  assert all(s[0].kind == "teacher" for s in shares[:2])  # teachers first in each share
+  # A teacher comes just before the first student that needs it.
+  assert [r.name for r in shares[0][:3]] == ["teacher-all", "all-from_teacher-seed0",
+                                            "all-from_base-seed1"]
+  assert [r.name for r in shares[1][:3]] == ["all-from_teacher-seed1", "teacher-en",
+                                            "en-from_teacher-seed0"]
   with pytest.raises(study_lib.StudyError, match="--index 3 --count 3"):
     study_lib.share(runs, 3, 3)
 

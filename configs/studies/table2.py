@@ -1,0 +1,38 @@
+"""Table 2 of the paper: initialisation (from_teacher / from_base / from_scratch) x
+distillation loss (KD: TinyBERT terms + cross-entropy; NON-KD: cross-entropy) x student
+width (384 = e5-small's full width, 192 = half), 6 layers, 3 seeds, on tsm and SIB-200.
+
+  export KD_JAX_DATA_DIR=../shared/data
+  python -m kd_jax.study --study configs/studies/table2.py --workdir runs/studies/table2
+
+One teacher per task (seed 0) and 36 students per task. Budgets: configs/studies/common.py.
+"""
+
+import common
+
+
+def get_study():
+  tables, paper = [], {}
+  for task in common.TASKS:
+    tables.append(dict(name=f"table2_{task}", title=f"Table 2, {task}", rows="init",
+                       columns=("width", "kd"), where={"task": task}, paper=f"table2_{task}"))
+    paper[f"table2_{task}"] = common.paper_cells(common.PAPER_TABLE2, task)
+    tables.append(dict(name=f"table2_{task}_retention", title=f"Table 2, {task}: retention",
+                       rows="init", columns=("width", "kd"), where={"task": task},
+                       metric="retention_avg", teacher=False))
+  return dict(
+      title="Table 2: initialisation x distillation loss x width",
+      config="configs/study.py",
+      # seed varies before init and kd: every cell gets its first seed early.
+      axes=dict(task=common.TASKS, width=common.WIDTH, seed=common.SEEDS, init=common.INIT,
+                kd=common.KD),
+      tables=tables, paper=paper,
+      comparisons=[dict(axis="init", a="from_teacher", b="from_base"),
+                   dict(axis="init", a="from_base", b="from_scratch"),
+                   dict(axis="kd", a="KD", b="NONKD")],
+      plots=[dict(name=f"languages_{task}", kind="languages", bars="init",
+                  where={"task": task, "width": "h384", "kd": "KD"},
+                  title=f"{task}: per-language test macro-F1, 6 x 384 KD students")
+             for task in common.TASKS],
+      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+  )
