@@ -8,7 +8,7 @@ temperature T (scaled by T^2); 200 steps of 32 (0.44 epoch) to fit 12 runs on a 
       --config.teacher.checkpoint=runs/real/teacher \
       --config.distill.prediction_loss=kl --config.distill.temperature=2 \
       --config.distill.alpha=0.2
-The full grid: launch/sweep.py with configs/sweeps/logit_loss_alpha.py.
+The full grid, with seeds: python -m kd_jax.study --study configs/studies/loss_alpha.py.
 """
 
 from kd_jax.config_base import base_config, train_config

@@ -14,6 +14,10 @@ A study file is Python, like `configs/`: `get_study()` returns a dict with
   `student:<field>` say it
   explicitly (`student:seed`: students of several seeds share one teacher);
 * `seed_axis` (default "seed"): the axis that results are averaged over;
+* `evaluations`: [{"name", "where": {axis: label}, "overrides": {field: value}}]: after
+  training, every finished student matching `where` and its teacher are scored on the
+  data the overrides select (`python -m kd_jax.evaluate`, e.g. every SIB-200 language),
+  into `<stage dir>/eval_<name>/test.json`, the student with retention vs its teacher;
 * `tables`, `comparisons`, `plots`, `paper`, `budget`: what the report shows
   (`kd_jax.study_report`).
 
@@ -81,6 +85,7 @@ class Study:
   tables: tuple[dict, ...] = ()
   comparisons: tuple[dict, ...] = ()
   plots: tuple[dict, ...] = ()
+  evaluations: tuple[dict, ...] = ()
   paper: dict = dataclasses.field(default_factory=dict)
   budget: str = ""
   title: str = ""
@@ -186,8 +191,12 @@ def load_study(path: str | os.PathLike) -> Study:
                 seed_axis=raw.get("seed_axis", "seed"),
                 tables=tuple(raw.get("tables", ())),
                 comparisons=tuple(raw.get("comparisons", ())),
-                plots=tuple(raw.get("plots", ())), paper=dict(raw.get("paper", {})),
+                plots=tuple(raw.get("plots", ())),
+                evaluations=tuple(dict(e) for e in raw.get("evaluations", ())), paper=dict(raw.get("paper", {})),
                 budget=str(raw.get("budget", "")), title=str(raw.get("title", p.stem)))
+  for spec in study.evaluations:
+    if not spec.get("name") or not isinstance(spec.get("overrides", {}), Mapping):
+      raise StudyError(f"{p}: every evaluation needs a name and an overrides dict: {spec}")
   for rule in study.skip:
     for axis, label in rule.items():
       if axis not in checked or label not in checked[axis]:
@@ -231,6 +240,8 @@ def expand(study: Study) -> list[Run]:
       t, s = _scoped(overrides)
       t_over.update(t)
       s_over.update(s)
+    for over in (t_over, s_over):  # values computed from the combination's labels
+      over.update({k: v(dict(labels)) for k, v in over.items() if callable(v)})
     key = json.dumps(sorted(t_over.items()), default=repr)
     if key not in teachers:
       name = "-".join(["teacher", *(label for _, label in t_labels)])
@@ -285,6 +296,44 @@ def command(run: Run, study: Study, root: epath.Path, *, python: str = sys.execu
   return [python, "-m", "kd_jax.main", f"--config={study.config}",
           f"--workdir={run.workdir(root)}",
           *(f"--config.{k}={flag_value(v)}" for k, v in overrides.items()), *extra]
+
+
+def eval_dir(run: Run, root: epath.Path, name: str) -> epath.Path:
+  """Where evaluation `name` of a finished run writes its test.json."""
+  return run.stage_dir(root) / f"eval_{name}"
+
+
+def evaluations(study: Study, runs: Sequence[Run]) -> list[tuple[Run, dict]]:
+  """(run, evaluation spec) for every student matching a spec's `where`, each preceded
+  by its teacher (once per teacher and spec). A share runs the evaluations of every
+  `count`-th teacher's group (the teacher's result is its students' retention base)."""
+  by_name = {r.name: r for r in runs}
+  out, seen = [], set()
+  for spec in study.evaluations:
+    where = dict(spec.get("where", {}))
+    for run in runs:
+      if run.kind != "student" or any(dict(run.labels).get(a) != l for a, l in where.items()):
+        continue
+      for r in (by_name[run.teacher], run):
+        if (r.name, spec["name"]) not in seen:
+          seen.add((r.name, spec["name"]))
+          out.append((r, spec))
+  return out
+
+
+def eval_command(run: Run, spec: Mapping, study: Study, root: epath.Path, *,
+                 python: str = sys.executable) -> list[str]:
+  """The `python -m kd_jax.evaluate` argv of evaluation `spec` of a finished run: the
+  run's own overrides (its data fields), then the spec's; a student's retention is
+  against its teacher's result of the same evaluation."""
+  overrides = dict(run.overrides, **dict(spec.get("overrides", {})))
+  argv = [python, "-m", "kd_jax.evaluate", f"--config={study.config}",
+          f"--stage={run.stage_dir(root)}", f"--out={eval_dir(run, root, spec['name'])}",
+          *(f"--config.{k}={flag_value(v)}" for k, v in overrides.items())]
+  if run.teacher is not None:
+    teacher = Run(name=run.teacher, kind="teacher", labels=(), overrides=())
+    argv.append(f"--teacher={eval_dir(teacher, root, spec['name']) / 'test.json'}")
+  return argv
 
 
 def read_record(run: Run, root: epath.Path) -> dict:
@@ -407,6 +456,22 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
       if rc != 0 and not stop.requested:
         rc_total = 1
       write_manifest(study, runs, root)
+    groups = list(dict.fromkeys(r.teacher or r.name for r, _ in evaluations(study, runs)))
+    mine_evals = [(r, spec) for r, spec in evaluations(study, runs)
+                  if groups.index(r.teacher or r.name) % count == index]
+    for run, spec in mine_evals:
+      done = eval_dir(run, root, spec["name"]) / "test.json"
+      if done.exists() or state(run, root) != "finished" or stop.requested:
+        continue
+      argv = eval_command(run, spec, study, root, python=python)
+      out(f"[study] evaluate {spec['name']} {run.name}: {shlex.join(argv)}")
+      with open(os.fspath(run.workdir(root) / "study.log"), "a") as log:
+        stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        rc = stop.child.wait()
+        stop.child = None
+      if rc != 0 and not stop.requested:
+        out(f"[study] evaluate {spec['name']} {run.name}: failed (exit {rc}), see its study.log")
+        rc_total = 1
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

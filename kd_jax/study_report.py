@@ -387,6 +387,120 @@ PLOTS = {"lines": plot_lines, "loss": plot_loss, "languages": plot_languages}
 
 
 # ---------------------------------------------------------------------------
+# evaluations: every language of a task, grouped by script
+# ---------------------------------------------------------------------------
+def script_of(language: str) -> str:
+  """The script of a FLORES / SIB-200 language code ("tel_Telu" -> "Telu"); the code
+  itself when it has no script part."""
+  return language.rsplit("_", 1)[1] if "_" in language else language
+
+
+def collect_evaluation(study: Study, root: epath.Path, spec: Mapping) -> dict[str, Any]:
+  """Per language of evaluation `spec` (see `kd_jax.study`): the teacher's score (mean
+  over the teachers involved) and, per label of `spec["bars"]` (default the study's
+  first axis), the mean over the matching students (all seeds). Returns {"languages":
+  {language: {series: value}}, "scripts": {script: {"languages": n, series: mean}},
+  "series": [...], "metric"}; empty when nothing was evaluated."""
+  from kd_jax.study import eval_dir
+  bars = spec.get("bars", next(iter(study.axes)))
+  where = dict(spec.get("where", {}))
+  values: dict[str, dict[str, list]] = {}
+  metric, teachers = None, set()
+  by_name = {r.name: r for r in expand(study)}
+  for run in by_name.values():
+    labels = dict(run.labels)
+    if run.kind != "student" or any(labels.get(a) != l for a, l in where.items()):
+      continue
+    for series, r in ((labels[bars], run), ("teacher", by_name[run.teacher])):
+      if series == "teacher" and r.name in teachers:
+        continue
+      f = eval_dir(r, root, spec["name"]) / "test.json"
+      if not f.exists():
+        continue
+      if series == "teacher":
+        teachers.add(r.name)
+      result = json.loads(f.read_text())
+      metric = result.get("metric", "macro_f1")
+      for lang, scores in result["per_language"].items():
+        values.setdefault(lang, {}).setdefault(series, []).append(scores[metric])
+  if not values:
+    return {}
+  series = ["teacher"] + [l for l in study.axes[bars]
+                          if any(l in v for v in values.values())]
+  languages = {lang: {k: float(np.mean(v[k])) for k in series if k in v}
+               for lang, v in values.items()}
+  scripts: dict[str, dict] = {}
+  for lang, v in languages.items():
+    entry = scripts.setdefault(script_of(lang), {"languages": 0, **{k: [] for k in series}})
+    entry["languages"] += 1
+    for k in series:
+      if k in v:
+        entry[k].append(v[k])
+  scripts = {sc: {"languages": e["languages"],
+                  **{k: float(np.mean(e[k])) for k in series if e[k]}}
+             for sc, e in sorted(scripts.items(), key=lambda x: -x[1]["languages"])}
+  return {"languages": languages, "scripts": scripts, "series": series, "metric": metric,
+          "seen_languages": list(spec.get("seen_languages", ()))}
+
+
+def format_scripts(evaluation: Mapping) -> str:
+  """Markdown: per script, its number of languages and each series' mean score, the
+  students' retention (% of the teacher's mean) in parentheses."""
+  series = evaluation["series"]
+  lines = ["| script | languages | " + " | ".join(series) + " |",
+           "|---|---:|" + "---:|" * len(series)]
+  for script, e in evaluation["scripts"].items():
+    cells = []
+    for k in series:
+      if k not in e:
+        cells.append("-")
+      elif k == "teacher" or not e.get("teacher"):
+        cells.append(f"{e[k]:.2f}")
+      else:
+        cells.append(f"{e[k]:.2f} ({100 * e[k] / e['teacher']:.0f} %)")
+    lines.append(f"| {script} | {e['languages']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_scripts(evaluation: Mapping, out: epath.Path, title: str = "") -> bool:
+  """Per-language scores of the teacher (line) and each student series (dots), languages
+  grouped by script (largest scripts first) and sorted by the teacher's score within."""
+  plt = _pyplot()
+  langs = evaluation["languages"]
+  order = list(evaluation["scripts"])
+  ordered = sorted(langs, key=lambda l: (order.index(script_of(l)),
+                                         -langs[l].get("teacher", 0.0)))
+  fig, ax = plt.subplots(figsize=(max(8, 0.09 * len(ordered)), 4.5))
+  x = np.arange(len(ordered))
+  for k in evaluation["series"]:
+    y = [langs[l].get(k, np.nan) for l in ordered]
+    if k == "teacher":
+      ax.plot(x, y, color="black", lw=1, label="teacher")
+    else:
+      ax.scatter(x, y, s=8, label=k)
+  start = 0
+  for script in order:
+    n = evaluation["scripts"][script]["languages"]
+    ax.axvline(start - 0.5, color="grey", lw=0.3)
+    if n >= 3:
+      ax.text(start + n / 2, 1, script, ha="center", fontsize=7)
+    start += n
+  seen = set(evaluation.get("seen_languages", ()))
+  for i, lang in enumerate(ordered):
+    if lang in seen:
+      ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.3, lw=0)
+  ax.set_xlim(-1, len(ordered))
+  ax.set_xticks([])
+  ax.set_ylabel(f"test {evaluation['metric']} (%)")
+  ax.set_title(title or "per language, grouped by script (shaded: seen in training)")
+  ax.legend(fontsize=8, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(os.fspath(out), dpi=110)
+  plt.close(fig)
+  return True
+
+
+# ---------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------
 def write_report(study: Study, workdir: str | os.PathLike) -> epath.Path:
@@ -425,13 +539,30 @@ def write_report(study: Study, workdir: str | os.PathLike) -> epath.Path:
     if drawn:
       images.append(out.name)
       md += ["", f"![{spec.get('title', spec['name'])}]({out.name})"]
+  evaluations = {}
+  for spec in study.evaluations:
+    evaluation = collect_evaluation(study, root, spec)
+    if not evaluation:
+      continue
+    evaluations[spec["name"]] = evaluation
+    paths.write_text_atomic(root / f"eval_{spec['name']}.json",
+                            json.dumps(evaluation, indent=2) + "\n")
+    md += ["", f"## {spec.get('title', spec['name'])}", "",
+           f"{len(evaluation['languages'])} languages; mean test {evaluation['metric']} (%) "
+           "per script (students: mean over seeds; retention vs the teacher in "
+           "parentheses). Per language: "
+           f"`eval_{spec['name']}.json`.", "", format_scripts(evaluation)]
+    if plot_scripts(evaluation, root / f"eval_{spec['name']}.png", spec.get("title", "")):
+      images.append(f"eval_{spec['name']}.png")
+      md += ["", f"![{spec['name']}](eval_{spec['name']}.png)"]
   walls = [(n, r["wall_s"]) for n, r in collected["runs"].items() if r.get("wall_s")]
   if walls:
     md += ["", "## Wall time", "", "| run | state | wall s |", "|---|---|---:|"]
     md += [f"| {n} | {collected['runs'][n]['state']} | {w:.0f} |" for n, w in walls]
     md += [f"| total | | {sum(w for _, w in walls):.0f} |"]
   paths.write_text_atomic(root / "results.json", json.dumps(
-      {"study": study.path, **collected, "comparisons": comparisons, "plots": images},
+      {"study": study.path, **collected, "comparisons": comparisons, "plots": images,
+       "evaluations": sorted(evaluations)},
       indent=2) + "\n")
   paths.write_text_atomic(root / "report.md", "\n".join(md).rstrip("\n") + "\n")
   return root / "report.md"

@@ -1,6 +1,5 @@
 """Launchers (--dry-run output, exactly) and the jax.distributed decision."""
 
-import json
 import os
 import socket
 import subprocess
@@ -23,52 +22,6 @@ def dry_run(script: str, *args: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- launchers
-
-def test_sweep_runs_each_grid_point_once_and_skips_finished_runs(tmp_path):
-  args = ("--sweep", "configs/sweeps/logit_loss_alpha.py", "--config", "configs/tsm_logit_kd.py",
-          "--workdir", str(tmp_path), "--dry-run", "--", "--config.teacher.checkpoint=t/teacher")
-  out = dry_run("sweep.py", *args)
-  assert len(out) == 12  # 4 logit losses x 3 alphas
-  assert out[0] == (f"python -m kd_jax.main --config=configs/tsm_logit_kd.py "
-                    f"--workdir={tmp_path}/mse_a0.2 --config.teacher.checkpoint=t/teacher "
-                    "--config.distill.prediction_loss=mse --config.distill.temperature=1.0 "
-                    "--config.distill.alpha=0.2")
-  assert out[-1].endswith(f"--workdir={tmp_path}/kl_T4_a0.8 --config.teacher.checkpoint=t/teacher "
-                          "--config.distill.prediction_loss=kl --config.distill.temperature=4.0 "
-                          "--config.distill.alpha=0.8")
-  # A run with test results is done; the rest are still to run.
-  (tmp_path / "mse_a0.2" / "student").mkdir(parents=True)
-  (tmp_path / "mse_a0.2" / "student" / "test.json").write_text("{}")
-  rest = dry_run("sweep.py", *args)
-  assert rest == out[1:]
-
-
-def test_sweep_table_reads_each_runs_results(tmp_path):
-  sys.path.insert(0, str(ROOT / "launch"))
-  import sweep
-
-  runs = {"a": {"distill.alpha": 0.2}, "b": {"distill.alpha": 0.5}}
-  metrics = {"per_language": {"english": {"macro_f1": 60.0}, "hindi": {"macro_f1": 40.0}},
-             "avg_macro_f1": 50.0, "overall": {"macro_f1": 51.25}}
-  (tmp_path / "a" / "student").mkdir(parents=True)
-  (tmp_path / "a" / "student" / "test.json").write_text(json.dumps(metrics))
-  (tmp_path / "a" / "student" / "val.json").write_text(json.dumps({"avg_macro_f1": 48.5}))
-  assert sweep.sweep_table(runs, str(tmp_path)) == (
-      "| run | english | hindi | avg | overall | best val avg |\n"
-      "|---|---:|---:|---:|---:|---:|\n"
-      "| a | 60.00 | 40.00 | 50.00 | 51.25 | 48.50 |\n"
-      "\nNot finished: b\n")
-
-
-def test_sweep_file_errors_name_the_file(tmp_path):
-  bad = tmp_path / "bad.py"
-  bad.write_text("def get_sweep():\n  return {'a/b': {'seed': 1}}\n")
-  for path, message in ((tmp_path / "none.py", "no such file"), (bad, "not a plain directory")):
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--sweep", str(path),
-                        "--config", "c.py", "--workdir", str(tmp_path), "--dry-run"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 2 and str(path) in r.stderr and message in r.stderr, r.stderr
-
 
 def test_tpu_pod_copies_local_tree_installs_and_runs_on_all_workers():
   out = dry_run("tpu_pod.py", "--tpu", "kd-v4-32", "--zone", "us-central2-b",
@@ -174,7 +127,7 @@ def test_local_multiprocess_process_ids_and_coordinator():
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.py", "multi_gpu.py", "slurm.py",
-                                    "local_multiprocess.py", "sweep.py"])
+                                    "local_multiprocess.py"])
 def test_missing_required_arguments_fail(script):
   r = subprocess.run([sys.executable, f"launch/{script}", "--dry-run"], capture_output=True,
                      text=True, cwd=ROOT, timeout=60)

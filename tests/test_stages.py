@@ -14,8 +14,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
-from kd_jax import checkpoints, config_base, evaluation, stages, train
+from kd_jax import checkpoints, config_base, evaluation, paths, stages, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -294,3 +295,45 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(
   (tmp_path / "run" / "teacher" / "test.json").unlink()
   with pytest.raises(checkpoints.CheckpointError, match="no saved step restores"):
     train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
+                                                                synthetic_data_dir, tmp_path):
+  """kd_jax.diagnose: the per-term gradients of one batch add up to the gradient of the
+  whole objective (recomputed here with jax.grad of losses.distillation_loss), and the
+  clf share is the norm of the cross-entropy's gradient alone. A student with
+  num_train_steps=0 is tested exactly as initialised (the paper's Table 5)."""
+  import jax.numpy as jnp
+  from kd_jax import diagnose, losses, sharding
+  config = run_config(small_model_dir, synthetic_data_dir, ("finetune_teacher", "distill"))
+  config.student.init = "from_teacher"
+  config.student.train.num_train_steps = 0
+  workdir = epath.Path(tmp_path)
+  results = train.train_and_evaluate(config, workdir)
+  assert results["distill"]["step"] == 0
+  mesh = sharding.create_mesh_from_config(config.mesh)
+  plan = stages.build("distill", paths.resolve_config(config, workdir)[0], workdir, mesh)
+  scalars, _ = plan.final_evaluator(plan.params, 0)
+  assert results["distill"]["per_language"] == plan.final_evaluator.metrics["per_language"]
+
+  stats = diagnose.term_gradients(plan, 1)
+  assert set(stats) == set(plan.objective.weights) == {"att", "hid", "embd", "pred", "clf"}
+  batch = jax.tree.map(jnp.asarray, next(plan.batches(0)))
+  teacher = plan.teachers[0]
+  needed = losses.outputs_needed(plan.objective.weights, plan.objective.layer_map, 1,
+                                 teacher.model.config.num_layers)
+  run = lambda m, p, **kw: m.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                                   deterministic=True, **kw)
+  t_out = run(teacher.model, teacher.params, **needed[1])
+
+  def grad_norm(weights):
+    g = jax.grad(lambda p: losses.distillation_loss(
+        run(plan.student, p, **needed[0]), t_out, batch, weights=weights,
+        layer_map=plan.objective.layer_map)[0])(plan.params)
+    return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
+  total = grad_norm(plan.objective.weights)
+  assert stats["att"]["total_grad_norm"] == pytest.approx(total, rel=1e-4)
+  assert stats["clf"]["grad_norm"] == pytest.approx(grad_norm({"clf": 1.0}), rel=1e-4)
+  assert sum(s["grad_norm"] for s in stats.values()) >= total * (1 - 1e-5)  # triangle
+  report = diagnose.format_report(stats, 1.0)
+  assert f"|g| (all terms) = {total:.3f}" in report

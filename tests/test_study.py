@@ -196,6 +196,8 @@ def get_study():
       comparisons=[dict(axis="init", a="from_teacher", b="from_base")],
       plots=[dict(name="loss", kind="loss", lines="init"),
              dict(name="bars", kind="languages", bars="init")],
+      evaluations=[dict(name="en", where={"init": "from_teacher"}, bars="init",
+                        overrides={"data.languages": ("english",)})],
   )
 '''
 
@@ -246,3 +248,21 @@ def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
     assert entry["std"] == pytest.approx(np.std(values, ddof=1))
   assert (root / "loss.png").is_file() and (root / "bars.png").is_file()
   assert "## Paired comparisons" in (root / "report.md").read_text()
+  # The evaluation re-scores the teacher and the from_teacher students on English alone:
+  # the same numbers as their own test results, retention against the teacher's.
+  for name, stage in (("teacher", "teacher"), ("from_teacher-seed0", "student"),
+                      ("from_teacher-seed1", "student")):
+    own = json.loads((root / f"runs/{name}/{stage}/test.json").read_text())
+    again = json.loads((root / f"runs/{name}/{stage}/eval_en/test.json").read_text())
+    assert list(again["per_language"]) == ["english"]
+    assert again["per_language"]["english"] == own["per_language"]["english"]
+  assert again["retention"]["avg"] == pytest.approx(
+      100 * again["avg_macro_f1"] / json.loads(
+          (root / "runs/teacher/teacher/eval_en/test.json").read_text())["avg_macro_f1"])
+  assert not (root / "runs/from_base-seed0/student/eval_en").exists()
+  zero_shot = json.loads((root / "eval_en.json").read_text())
+  assert zero_shot["series"] == ["teacher", "from_teacher"]
+  assert zero_shot["languages"]["english"]["from_teacher"] == pytest.approx(np.mean(
+      [json.loads((root / f"runs/from_teacher-seed{s}/student/test.json").read_text())
+       ["per_language"]["english"]["macro_f1"] for s in (0, 1)]))
+  assert (root / "eval_en.png").is_file()
