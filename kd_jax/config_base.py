@@ -115,6 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint="",              # from_general: general_distill stage dir; "" -> <workdir>/general
       num_layers=6,
       hidden_size=0,              # 0 -> the teacher's; narrower slices weights evenly
+      # A reduced vocabulary (a dir written by python -m kd_jax.vocab --min-frequency 1):
+      # the student keeps only those tokens' embedding rows and reads the mapped ids of
+      # the batch the teacher reads with its own (Abdaoui et al. 2020). "" -> the full one.
+      vocab="",
       layer_map=(),               # 1-based teacher layer per student layer; () -> the strategy
       # which teacher layer initialises student layer m (N teacher, M student layers):
       # uniform g(m) = m*N/M (paper eq. 5) | top g(m) = m+N-M | bottom g(m) = m | explicit

@@ -66,7 +66,8 @@ def term_gradients(plan: stages.StagePlan, batches: int) -> dict[str, dict[str, 
     teacher_out = apply(teacher.model, teacher_params, batch, **t_needed) if teacher else None
 
     def term(params, name):
-      out = apply(plan.student, params["model"], batch, **s_needed)
+      student_batch = dict(batch, input_ids=batch.get("student_input_ids", batch["input_ids"]))
+      out = apply(plan.student, params["model"], student_batch, **s_needed)
       total, values = losses.distillation_loss(
           out, teacher_out, batch, weights={name: weights[name]},
           layer_map=objective.layer_map, prediction_loss=objective.prediction_loss,

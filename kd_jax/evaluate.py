@@ -48,8 +48,9 @@ def evaluate_stage(stage_dir: epath.Path, config: ml_collections.ConfigDict, out
   if info.get("labels") and tuple(info["labels"]) != tuple(task.label_names):
     raise DataError(f"{stage_dir / 'model_config.json'}: the stage was trained on labels "
                     f"{info['labels']}, but task {task.task!r} has {list(task.label_names)}")
-  tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(info.get("base_model")
-                                                           or config.model))
+  # A reduced-vocabulary student's own tokenizer, else the base model's.
+  tokenizer = hf_io.load_tokenizer(info.get("tokenizer") or hf_io.resolve_model_dir(
+      info.get("base_model") or config.model))
   data = batching.tokenize_examples(task.splits["test"], tokenizer, config.data.max_length,
                                     task.languages)
   mesh = sharding.create_mesh_from_config(config.mesh)

@@ -312,8 +312,8 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   or `teacher`, the final ones of `general` (with its MLM head: `...ForMaskedLM`).
 
   Reads `<stage_dir>/model_config.json`, restores `checkpoints/best` (or `final`), takes the
-  tokenizer of the stage's `base_model` (resolved with hf_io.resolve_model_dir) unless
-  `tokenizer_dir` is given. Class names: `labels`, else those of the task that trained
+  tokenizer of the stage's reduced vocabulary (`tokenizer`, config.student.vocab) or of
+  its `base_model` (resolved with hf_io.resolve_model_dir) unless `tokenizer_dir` is given. Class names: `labels`, else those of the task that trained
   the stage (recorded in model_config.json), else LABEL_i.
   Raises:
     FileNotFoundError: no model_config.json or no best checkpoint (names the path).
@@ -325,6 +325,8 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   _prepare_out_dir(out_dir, overwrite)  # refused before the checkpoint is read
   config, info = checkpoints.load_model_config(stage_dir)
   params = checkpoints.restore_stage_params(stage_dir, config)
+  if tokenizer_dir is None and info.get("tokenizer"):  # a reduced-vocabulary student's
+    tokenizer_dir = info["tokenizer"]
   if tokenizer_dir is None and info.get("base_model"):
     tokenizer_dir = hf_io.resolve_model_dir(info["base_model"])
   if labels is None:

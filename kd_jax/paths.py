@@ -27,7 +27,7 @@ from etils import epath
 
 # Flag and config fields that hold paths (`resolve_config`); "model" and "general.teacher"
 # only when they name a directory rather than a hub id or an offline short name.
-PATH_FIELDS = ("teacher.checkpoint", "student.checkpoint", "data.data_dir",
+PATH_FIELDS = ("teacher.checkpoint", "student.checkpoint", "student.vocab", "data.data_dir",
                "general.text_files")
 MODEL_FIELDS = ("model", "general.teacher")
 DATA_DIR_ENV = "KD_JAX_DATA_DIR"

@@ -238,6 +238,11 @@ def check_all(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> N
     layer_maps(config, teacher_cfg.num_layers, student_cfg.num_layers)
   if "distill" not in config.stages:
     return
+  if config.student.vocab and not (epath.Path(config.student.vocab) / "vocab_mapping.json"
+                                   ).is_file():
+    raise MissingPathError(f"config.student.vocab={config.student.vocab!r}: no "
+                           "vocab_mapping.json there; write the directory with python -m "
+                           "kd_jax.vocab --min-frequency 1")
   from_general = config.student.init == "from_general"
   if from_general and not config.distill.kd:
     return  # no teacher: the general student's shape is checked when it is loaded
@@ -423,14 +428,16 @@ def _teacher_metrics(config, workdir) -> list[dict]:
 
 def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer, task, data,
                     model_cfg, params, teachers, objective, rngs, info,
-                    teacher_metrics=()) -> StagePlan:
+                    teacher_metrics=(), transforms=()) -> StagePlan:
   """The plan of a stage that trains a sequence or token classifier (finetune_teacher,
-  distill) on `task`; `teacher_metrics`: the teachers' test results (retention)."""
+  distill) on `task`; `teacher_metrics`: the teachers' test results (retention);
+  `transforms`: batch transforms before unpadding's (BatchStream). `data["val"]` and
+  `["test"]` are in the student's ids (padded with `model_cfg.pad_token_id`)."""
   tc = config[section].train
   num_steps, spe = _schedule(section, tc, data["train"], config.data.buckets)
   student, eval_model = _modules(config, model_cfg, _dropout(config))
   kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
-                pad_id=tokenizer.pad_token_id, mesh=mesh, label_names=task.label_names,
+                pad_id=model_cfg.pad_token_id, mesh=mesh, label_names=task.label_names,
                 label_kind=task.label_kind, seen_languages=task.seen_languages or None)
   teacher_cfg = teachers[0].model.config if teachers else None
   val = evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs)
@@ -441,7 +448,8 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
       projections=_projections(model_cfg, teacher_cfg, objective.weights, rngs["proj"]),
       teachers=teachers, objective=objective,
       batches=BatchStream(data["train"], tc.batch_size, tuple(config.data.buckets),
-                          tokenizer.pad_token_id, config.seed, unpad_transforms(config, mesh)),
+                          tokenizer.pad_token_id, config.seed,
+                          tuple(transforms) + unpad_transforms(config, mesh)),
       evaluator=val, final_evaluator=val.on(data["test"], "test", list(teacher_metrics)),
       keep="best", nonfinite=config.nonfinite, dropout_rng=rngs["dropout"],
       info=dict(info, stage=name, base_model=config.model, **task.info()),
@@ -504,6 +512,10 @@ def build_distill(config, workdir, mesh) -> StagePlan:
       teacher_params=host_teachers[0][1] if host_teachers else None, general_dir=general_dir)
   if provenance:
     logging.info("student init %s:\n%s", sc.init, student_init.describe_provenance(provenance))
+  transforms, info = (), {}
+  if sc.vocab:
+    params, model_cfg, data, transforms, info = reduced_vocab_student(
+        config, params, model_cfg, data, task)
   objective, teachers = Objective({"clf": 1.0}), ()
   if dc.kd:
     objective = Objective({k: float(v) for k, v in dc.weights.items() if float(v) > 0},
@@ -516,8 +528,69 @@ def build_distill(config, workdir, mesh) -> StagePlan:
                          tokenizer=tokenizer, task=task, data=data, model_cfg=model_cfg,
                          params=params, teachers=teachers, objective=objective, rngs=rngs,
                          info={"layer_map": list(layer_map),
-                               "loss_layer_map": list(loss_layer_map), "init": sc.init},
-                         teacher_metrics=_teacher_metrics(config, workdir))
+                               "loss_layer_map": list(loss_layer_map), "init": sc.init,
+                               **info},
+                         teacher_metrics=_teacher_metrics(config, workdir),
+                         transforms=transforms)
+
+
+def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
+                          data: Mapping[str, batching.TokenizedData], task: tasks.TaskData):
+  """A student with the reduced vocabulary of `config.student.vocab` (a dir written by
+  `python -m kd_jax.vocab --min-frequency 1`; Abdaoui et al. 2020): its word-embedding
+  rows are those of the kept tokens (`vocab.reduce_params`: the copied teacher's or
+  base's rows, or random ones), the teachers keep reading the full tokenizer's ids, and
+  a batch transform adds the student's ids of the same tokens (`student_input_ids`), so
+  every position lines up for the layer-wise terms. Val and test (read by the student
+  alone) are tokenised with the reduced tokenizer, as the exported student will be.
+
+  Returns (params, EncoderConfig, data with val/test re-tokenised, (transform,), info for
+  model_config.json: the reduced dir, whose tokenizer export and evaluation use).
+  Raises:
+    MissingPathError: no vocab_mapping.json in the dir.
+    ConfigError: a vocabulary made with min_frequency > 1 (texts would tokenize
+      differently, so positions would not line up), or one that is not the teacher's
+      tokenizer's (more ids than the teacher has embeddings).
+    DataError: a training text with a token the reduced vocabulary lacks, naming the
+      example, language and token (make the vocabulary from the training texts).
+  """
+  from kd_jax import vocab
+  from kd_jax.data.schema import DataError
+  where = f"config.student.vocab={config.student.vocab!r}"
+  try:
+    kept, mapping = vocab.read_mapping(config.student.vocab)
+  except FileNotFoundError as e:
+    raise MissingPathError(f"{where}: {e}") from e
+  if int(mapping.get("min_frequency", 1)) != 1:
+    raise ConfigError(f"{where} was made with --min-frequency {mapping['min_frequency']}: "
+                      "texts with a dropped token tokenize differently, so student and "
+                      "teacher positions would not line up; make it with --min-frequency 1")
+  if kept.max() >= model_cfg.vocab_size:
+    raise ConfigError(f"{where}: its mapping names id {int(kept.max())}, but the model has "
+                      f"{model_cfg.vocab_size} embeddings (another tokenizer's vocabulary?)")
+  lookup = np.full(model_cfg.vocab_size, -1, np.int32)
+  lookup[kept] = np.arange(len(kept), dtype=np.int32)
+  tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(config.model))
+  train = data["train"]
+  for i, ids in enumerate(train.input_ids):
+    missing = ids[lookup[ids] < 0]
+    if len(missing):
+      raise DataError(
+          f"{where}: train example {i} ({train.language_order[train.language_ids[i]]}) "
+          f"has token {tokenizer.convert_ids_to_tokens(int(missing[0]))!r} (id "
+          f"{int(missing[0])}), which the reduced vocabulary lacks; make it from a corpus "
+          f"holding the task's training texts ({list(task.train_languages)})")
+  params, model_cfg = vocab.reduce_params(params, model_cfg, kept)
+  # Val and test as the exported student meets them: through its own tokenizer.
+  own = hf_io.load_tokenizer(config.student.vocab)
+  data = dict(data, **{split: batching.tokenize_examples(
+      task.splits[split], own, config.data.max_length, task.languages)
+      for split in ("val", "test")})
+  logging.info("student vocabulary %s: %d of %d tokens", config.student.vocab, len(kept),
+               len(lookup))
+  student_ids = lambda batch, step: {"student_input_ids": lookup[batch["input_ids"]]}
+  return params, model_cfg, data, (student_ids,), {"tokenizer": str(config.student.vocab),
+                                                   "vocab_size_full": int(len(lookup))}
 
 
 def load_general_teacher(config) -> tuple[EncoderConfig, dict, str]:

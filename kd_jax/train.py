@@ -125,6 +125,8 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
   `teachers`: () without distillation terms (teacher_params ()), else one Encoder per
   entry of `teacher_params`; with several, the teacher output is the mean of their logits
   (losses.mean_teacher_logits) and no intermediates.
+  A batch with `student_input_ids` (a reduced-vocabulary student, config.student.vocab)
+  gives the student those ids and the teachers `input_ids`.
   A batch with `masked_positions` (kd_jax.masking) gives models with the MLM head
   (`head="mlm"`) those positions, so their logits are [B, P, V] (the MLM terms).
   """
@@ -157,8 +159,12 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       teacher_out = jax.lax.stop_gradient(teacher_out)
     dropout_rng = jax.random.fold_in(rng, state.step)
 
+    # A reduced-vocabulary student reads its own ids of the same tokens.
+    student_batch = (dict(batch, input_ids=batch["student_input_ids"])
+                     if "student_input_ids" in batch else batch)
+
     def loss_fn(params):
-      student_out = apply(student, params["model"], batch, deterministic=False,
+      student_out = apply(student, params["model"], student_batch, deterministic=False,
                           rngs={"dropout": dropout_rng}, **student_outputs)
       return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
                                       layer_map=layer_map, prediction_loss=prediction_loss,

@@ -471,6 +471,25 @@ def write_mapping(out_dir: str | os.PathLike, kept_ids: Sequence[int],
   return path
 
 
+def read_mapping(reduced_dir: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+  """(kept old ids in new-id order, the other fields) of `<reduced_dir>/vocab_mapping.json`.
+
+  Raises FileNotFoundError naming the file; ValueError when its new ids are not
+  0..V'-1 exactly once."""
+  path = epath.Path(reduced_dir) / MAPPING_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: not a directory written by "
+                            "python -m kd_jax.vocab")
+  mapping = json.loads(path.read_text(encoding="utf-8"))
+  old_to_new = {int(o): int(n) for o, n in mapping.pop("old_to_new").items()}
+  kept = np.full(len(old_to_new), -1, np.int64)
+  for old, new in old_to_new.items():
+    if not 0 <= new < len(kept) or kept[new] != -1:
+      raise ValueError(f"{path}: new id {new} is out of range or repeated")
+    kept[new] = old
+  return kept, mapping
+
+
 def write_reduced_tokenizer(tokenizer_dir: str | os.PathLike, kept_ids: Sequence[int],
                             out_dir: str | os.PathLike) -> epath.Path:
   """Writes the reduced tokenizer of `tokenizer_dir` into the existing `out_dir`.

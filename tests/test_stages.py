@@ -337,3 +337,56 @@ def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
   assert sum(s["grad_norm"] for s in stats.values()) >= total * (1 - 1e-5)  # triangle
   report = diagnose.format_report(stats, 1.0)
   assert f"|g| (all terms) = {total:.3f}" in report
+
+
+def test_reduced_vocabulary_student_distills_from_the_full_teacher(small_model_dir,
+                                                                   synthetic_data_dir, tmp_path):
+  """A student with the reduced vocabulary of the task's texts (kd_jax.vocab,
+  min-frequency 1) distilled from the full-vocabulary teacher: the teacher reads its
+  ids, the student the mapped ones of the same tokens, so it trains exactly as the
+  full-vocabulary student (same metrics; its embedding rows are the full student's kept
+  rows, every other parameter equal) and exports with the reduced tokenizer. A
+  vocabulary that lacks a task token is refused before training, naming the example."""
+  from kd_jax import export, vocab
+  from kd_jax.data import tasks
+  from kd_jax.data.schema import DataError
+  teacher = run_config(small_model_dir, synthetic_data_dir, ("finetune_teacher",))
+  train.train_and_evaluate(teacher, tmp_path / "t")
+  task = tasks.load_task(teacher.data, teacher.seed, log=None)
+  texts = [e.text for split in task.splits.values() for e in split]
+  vocab.reduce_model_dir(small_model_dir, tmp_path / "reduced", texts)
+  kept, _ = vocab.read_mapping(tmp_path / "reduced")
+  runs = {}
+  for name, vocab_dir in (("full", ""), ("reduced", str(tmp_path / "reduced"))):
+    config = run_config(small_model_dir, synthetic_data_dir, ("distill",))
+    config.student.init = "from_teacher"
+    config.teacher.checkpoint = str(tmp_path / "t" / "teacher")
+    config.student.vocab = vocab_dir
+    runs[name] = train.train_and_evaluate(config, tmp_path / name)["distill"]
+  assert runs["reduced"]["per_language"] == runs["full"]["per_language"]
+  cfg_full, _ = checkpoints.load_model_config(tmp_path / "full" / "student")
+  cfg_red, info = checkpoints.load_model_config(tmp_path / "reduced" / "student")
+  assert cfg_red.vocab_size == len(kept) < cfg_full.vocab_size
+  assert info["tokenizer"] == str(tmp_path / "reduced")
+  full = checkpoints.restore_stage_params(tmp_path / "full" / "student", cfg_full)
+  red = checkpoints.restore_stage_params(tmp_path / "reduced" / "student", cfg_red)
+  emb = lambda p: np.asarray(p["embeddings"]["word_embeddings"]["embedding"])
+  np.testing.assert_allclose(emb(red), emb(full)[kept], atol=1e-5)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(red):
+    if "word_embeddings" not in jax.tree_util.keystr(path):
+      other = full
+      for key in path:
+        other = other[key.key]
+      np.testing.assert_allclose(np.asarray(leaf), np.asarray(other), atol=1e-5)
+  out = export.export_stage(tmp_path / "reduced" / "student", tmp_path / "exported")
+  import transformers
+  assert len(transformers.AutoTokenizer.from_pretrained(str(out))) == len(kept)
+
+  english_only = [e.text for split in task.splits.values() for e in split
+                  if e.language == "english"]
+  vocab.reduce_model_dir(small_model_dir, tmp_path / "english", english_only)
+  config.student.vocab = str(tmp_path / "english")
+  with pytest.raises(DataError, match=r"example \d+ \(arabic\) has token .* which the "
+                                      "reduced vocabulary lacks"):
+    train.train_and_evaluate(config, tmp_path / "refused")
+  assert not (tmp_path / "refused" / "student" / "checkpoints").exists()
