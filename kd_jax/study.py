@@ -389,6 +389,18 @@ class _Stop:
     logging.warning("signal %d: stopping the study after the run in progress", signum)
 
 
+def _spawn(argv: list[str], log_file: epath.Path, stop: _Stop, env) -> int:
+  """Runs `argv` with its output appended to `log_file` (after a dated command line),
+  as `stop`'s child; returns its exit code."""
+  with open(os.fspath(log_file), "a") as log:
+    log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
+    log.flush()
+    stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    rc = stop.child.wait()
+    stop.child = None
+  return rc
+
+
 def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> int:
   """Runs one kd_jax.main process; its output goes to <run>/study.log; records the
   command, exit code and accumulated wall time in <run>/study_run.json."""
@@ -396,12 +408,7 @@ def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> i
   workdir.mkdir(parents=True, exist_ok=True)
   record = read_record(run, root)
   start = time.time()
-  with open(os.fspath(workdir / "study.log"), "a") as log:
-    log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
-    log.flush()
-    stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    rc = stop.child.wait()
-    stop.child = None
+  rc = _spawn(argv, workdir / "study.log", stop, env)
   record.update(command=shlex.join(argv), returncode=rc,
                 wall_s=record.get("wall_s", 0.0) + time.time() - start,
                 attempts=record.get("attempts", 0) + 1)
@@ -413,8 +420,9 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
               python: str = sys.executable, extra: Sequence[str] = (), dry_run: bool = False,
               poll_s: float = 30.0, out: Callable[[str], None] = print) -> int:
   """Runs share `index` of `count` of the study's grid under `workdir` (see the module
-  docstring); `extra`: config flags added to every run. Returns 0 when every run of the
-  share finished, 1 when one failed or was skipped, 130 when stopped by a signal.
+  docstring); `extra`: config flags added to every run. Returns 0 when no run of the
+  share failed (a run may have stopped itself: `train.stop_after_steps`), 1 when one
+  failed or was skipped, 130 when stopped by a signal.
   With `dry_run`, prints the commands still to run and runs nothing."""
   root = paths.resolve(workdir)
   runs = expand(study)
@@ -465,10 +473,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
         continue
       argv = eval_command(run, spec, study, root, python=python)
       out(f"[study] evaluate {spec['name']} {run.name}: {shlex.join(argv)}")
-      with open(os.fspath(run.workdir(root) / "study.log"), "a") as log:
-        stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        rc = stop.child.wait()
-        stop.child = None
+      rc = _spawn(argv, run.workdir(root) / "study.log", stop, env)
       if rc != 0 and not stop.requested:
         out(f"[study] evaluate {spec['name']} {run.name}: failed (exit {rc}), see its study.log")
         rc_total = 1
