@@ -184,19 +184,21 @@ def format_table(study: Study, collected: Mapping, spec: Mapping) -> str:
 # paired comparisons
 # ---------------------------------------------------------------------------
 def compare(study: Study, collected: Mapping, spec: Mapping) -> dict[str, Any]:
-  """A paired comparison `spec = {"axis", "a", "b", "metric"="avg"}`: for every pair of
-  finished students that differ only in `axis` (a vs b; same seed, so the same data order
-  and dropout keys where the seed sets them), the difference a - b. Returns
+  """A paired comparison `spec = {"axis", "a", "b", "metric"="avg", "where"={}}`: for
+  every pair of finished students (among those matching `where`) that differ only in
+  `axis` (a vs b; same seed, so the same data order and dropout keys where the seed sets
+  them), the difference a - b. Returns
   {"pairs": {pair name: diff}, "mean", "std", "n", "p_value" (two-sided one-sample t-test
   of the differences, scipy; None for n < 2), "verdict"}; verdict, for the claim a > b:
   "reproduced" (mean > 0, p < 0.05), "opposite" (mean < 0, p < 0.05), "inconclusive"
   (otherwise), "no pairs" (nothing finished)."""
   axis, a, b = spec["axis"], spec["a"], spec["b"]
-  metric = spec.get("metric", "avg")
+  metric, where = spec.get("metric", "avg"), dict(spec.get("where", {}))
   if axis not in study.axes or a not in study.axes[axis] or b not in study.axes[axis]:
     raise StudyError(f"{study.path}: comparison {axis}: {a} - {b} names an axis or label the "
                      "study lacks")
-  students = {n: r for n, r in collected["runs"].items() if r["kind"] == "student"}
+  students = {n: r for n, r in collected["runs"].items() if r["kind"] == "student"
+              and all(r["labels"].get(k) == v for k, v in where.items())}
   pairs = {}
   for name, rec in students.items():
     if rec["labels"].get(axis) != a or metric not in rec.get("metrics", {}):
@@ -205,7 +207,7 @@ def compare(study: Study, collected: Mapping, spec: Mapping) -> dict[str, Any]:
     for name_b, rec_b in students.items():
       if rec_b["labels"] == other and metric in rec_b.get("metrics", {}):
         pairs[f"{name} vs {name_b}"] = rec["metrics"][metric] - rec_b["metrics"][metric]
-  result = {"axis": axis, "a": a, "b": b, "metric": metric, "pairs": pairs,
+  result = {"axis": axis, "a": a, "b": b, "metric": metric, "where": where, "pairs": pairs,
             **summarize(list(pairs.values())), "p_value": None}
   if len(pairs) >= 2 and result["std"]:
     from scipy import stats
@@ -225,7 +227,8 @@ def format_comparisons(results: Sequence[Mapping]) -> str:
   for r in results:
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
     p = "-" if r["p_value"] is None else f"{r['p_value']:.3f}"
-    lines.append(f"| {r['axis']}: {r['a']} > {r['b']} | {r['metric']} | {r['n']} | "
+    scope = "".join(f", {k} = {v}" for k, v in r.get("where", {}).items())
+    lines.append(f"| {r['axis']}: {r['a']} > {r['b']}{scope} | {r['metric']} | {r['n']} | "
                  f"{fmt(r['mean'])} | {fmt(r['std'])} | {p} | {r['verdict']} |")
   return "\n".join(lines) + "\n"
 

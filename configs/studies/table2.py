@@ -33,11 +33,12 @@ def get_study():
       axes=dict(task=common.TASKS, width=common.WIDTH, seed=common.SEEDS, init=common.INIT,
                 kd=KD),
       tables=tables, paper=paper,
-      comparisons=[dict(axis="init", a="from_teacher", b="from_base"),
-                   dict(axis="init", a="from_base", b="from_scratch"),
-                   dict(axis="kd", a="KD", b="NONKD"),
-                   dict(axis="kd", a="KDnoatt", b="NONKD"),
-                   dict(axis="kd", a="KDnoatt", b="KD")],
+      comparisons=[dict(axis=axis, a=a, b=b, where={"task": task})
+                   for task in common.TASKS
+                   for axis, a, b in (("init", "from_teacher", "from_base"),
+                                      ("init", "from_base", "from_scratch"),
+                                      ("kd", "KD", "NONKD"), ("kd", "KDnoatt", "NONKD"),
+                                      ("kd", "KDnoatt", "KD"))],
       plots=[dict(name=f"languages_{task}", kind="languages", bars="init",
                   where={"task": task, "width": "h384", "kd": "KD"},
                   title=f"{task}: per-language test macro-F1, 6 x 384 KD students")

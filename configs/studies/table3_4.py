@@ -51,9 +51,11 @@ def get_study():
                         bars="init", seen_languages=common.SIB200_SEEN,
                         title="SIB-200, all 205 languages: teacher and KD students "
                               "trained on 12 seen languages")],
-      comparisons=[dict(axis="init", a="from_teacher", b="from_base", metric="unseen_avg"),
-                   dict(axis="init", a="from_base", b="from_scratch", metric="unseen_avg"),
-                   dict(axis="kd", a="KD", b="NONKD", metric="unseen_avg")],
+      comparisons=[dict(axis=axis, a=a, b=b, metric="unseen_avg", where={"task": task})
+                   for task in tasks
+                   for axis, a, b in (("init", "from_teacher", "from_base"),
+                                      ("init", "from_base", "from_scratch"),
+                                      ("kd", "KD", "NONKD"))],
       plots=[dict(name=f"languages_{task}", kind="languages", bars="init",
                   where={"task": task, "train": "seen", "kd": "KD"},
                   title=f"{task}: teacher and KD students trained on seen languages")
