@@ -29,8 +29,6 @@ from etils import epath
 from kd_jax import paths
 from kd_jax.study import Study, StudyError, expand, read_record, state
 
-METRICS = ("avg", "seen_avg", "unseen_avg", "overall", "retention_avg",
-           "retention_seen_avg", "retention_unseen_avg")
 METRIC_NAMES = {"avg": "avg", "seen_avg": "seen avg", "unseen_avg": "unseen avg",
                 "overall": "overall", "retention_avg": "retention avg %",
                 "retention_seen_avg": "retention seen avg %",
@@ -60,11 +58,12 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 
 
 def collect(study: Study, workdir: str | os.PathLike) -> dict[str, Any]:
-  """{"runs": {name: record}, "cells": {cell name: cell}, "teachers": {name: record}}.
+  """{"runs": {name: record}, "cells": {cell name: cell}}.
 
-  A run record: kind, labels, teacher, state, wall_s, metrics (finished runs) and
-  `train_loss_file`s. A cell groups the students whose labels differ only in the seed
-  axis: labels (without seed), per metric {"values": {seed label: value}, mean, std, n}.
+  A run record (teachers and students): kind, labels, teacher, state, wall_s and, when
+  finished, metrics (`run_metrics`). A cell groups the students whose labels differ only
+  in the seed axis: labels (without seed), teachers, runs, and per metric {"values":
+  {seed label: value}, "mean", "std", "n"}.
   """
   root = paths.resolve(workdir)
   runs = expand(study)
@@ -96,12 +95,15 @@ def collect(study: Study, workdir: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------
-def _fmt(summary: Mapping | None, digits: int = 2) -> str:
+def _fmt(summary: Mapping | None, digits: int = 2, seeds: int = 0) -> str:
+  """"mean ± std", "-" when empty; "(n=k)" appended when fewer than `seeds` seeds."""
   if not summary or summary.get("mean") is None:
     return "-"
   text = f"{summary['mean']:.{digits}f}"
   if summary.get("std") is not None:
     text += f" ± {summary['std']:.{digits}f}"
+  if summary.get("n", seeds) < seeds:
+    text += f" (n={summary['n']})"
   return text
 
 
@@ -149,8 +151,8 @@ def format_table(study: Study, collected: Mapping, spec: Mapping) -> str:
           return cell
       return None
 
-    def text(summary, key):
-      value = _fmt(summary)
+    def text(summary, key, seeds=len(study.axes.get(study.seed_axis, ()))):
+      value = _fmt(summary, seeds=seeds if key[0] != "teacher" else 0)
       if key in paper:
         value += f" [{paper[key]:.2f}]"
       return value
