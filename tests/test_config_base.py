@@ -188,8 +188,10 @@ def test_train(section):
   config[section].train.num_train_steps = -1
   config[section].train.num_epochs = 0.0
   assert_invalid(config, config_base._validate_train,
-                 f"config.{section}.train: set num_train_steps or num_epochs > 0")
+                 f"config.{section}.train: set num_train_steps >= 0 or num_epochs > 0")
   config[section].train.num_train_steps = 5  # steps alone are enough
+  config_base.validate_config(config)
+  config[section].train.num_train_steps = 0  # no step: the initialised model is evaluated
   config_base.validate_config(config)
 
 
