@@ -35,10 +35,15 @@ from ml_collections import config_flags
 from kd_jax import config_base, losses, paths, sharding, stages
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (for <workdir>/teacher).")
-config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-flags.DEFINE_integer("batches", 4, "Training batches to average over.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags():
+  """The command's flags, defined only when it runs as a program (kd_jax.main defines
+  some of the same names, and tests import both modules)."""
+  flags.DEFINE_string("workdir", None, "Run directory (for <workdir>/teacher).")
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
+  flags.DEFINE_integer("batches", 4, "Training batches to average over.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def term_gradients(plan: stages.StagePlan, batches: int) -> dict[str, dict[str, float]]:
@@ -134,4 +139,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

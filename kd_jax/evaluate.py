@@ -25,12 +25,17 @@ from kd_jax.data.schema import DataError
 from kd_jax.models.encoder import Encoder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("stage", None, "A finished teacher or student stage dir.")
-flags.DEFINE_string("out", None, "Output dir for test.json / test.md.")
-flags.DEFINE_list("teacher", [], "Teacher result files (test.json) on the same languages.")
-config_flags.DEFINE_config_file("config", None, "Config file (its data section).",
-                                lock_config=True)
-flags.mark_flags_as_required(["stage", "out", "config"])
+
+
+def _define_flags():
+  """The command's flags, defined only when it runs as a program (kd_jax.main defines
+  some of the same names, and tests import both modules)."""
+  flags.DEFINE_string("stage", None, "A finished teacher or student stage dir.")
+  flags.DEFINE_string("out", None, "Output dir for test.json / test.md.")
+  flags.DEFINE_list("teacher", [], "Teacher result files (test.json) on the same languages.")
+  config_flags.DEFINE_config_file("config", None, "Config file (its data section).",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["stage", "out", "config"])
 
 
 def evaluate_stage(stage_dir: epath.Path, config: ml_collections.ConfigDict, out_dir: epath.Path,
@@ -83,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -200,27 +200,35 @@ def get_study():
 '''
 
 
+def _study_argv(*args):
+  return [sys.executable, "-m", "kd_jax.study", "--study", "study.py", "--workdir", "w",
+          "--poll", "1", *args]
+
+
 def _study(cwd, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "kd_jax.study", "--study", "study.py",
-                         "--workdir", "w", "--poll", "1", *args], cwd=cwd, env=env,
+  return subprocess.run(_study_argv(*args), cwd=cwd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                         capture_output=True, text=True, timeout=900)
 
 
 def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
                                                  synthetic_data_dir):
-  """Two shares over 1 teacher + 2 students; share 0's student is stopped after 2 of 6
-  steps (`stop_after_steps`), share 1's finishes (after waiting for share 0's teacher);
-  then one full run resumes exactly the stopped one, skips everything else, runs the
-  evaluation and writes the report."""
+  """Two shares at once over 1 teacher + 2 students: share 1's student waits for share
+  0's teacher, then finishes; share 0's is stopped after 2 of 6 steps
+  (`stop_after_steps`). Then one full run resumes exactly the stopped one, skips
+  everything else, runs the evaluation and writes the report."""
   (tmp_path / "base.py").write_text(TINY_BASE.format(model=str(synthetic_model_dir),
                                                      data=str(synthetic_data_dir)))
   (tmp_path / "study.py").write_text(TINY_STUDY)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  second = subprocess.Popen(_study_argv("--index", "1", "--count", "2"), cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
   first = _study(tmp_path, "--index", "0", "--count", "2", "--",
                  "--config.student.train.stop_after_steps=2")
   assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-  second = _study(tmp_path, "--index", "1", "--count", "2")
-  assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+  out, _ = second.communicate(timeout=900)
+  assert second.returncode == 0, out[-3000:]
+  assert "seed1-L2: waiting for teacher (another share)" in out
   root = tmp_path / "w"
   manifest = json.loads((root / "manifest.json").read_text())
   states = {r["name"]: r["state"] for r in manifest["runs"]}
