@@ -297,17 +297,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(
     train.train_and_evaluate(config, tmp_path / "run")
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(small_model_dir, synthetic_data_dir, tmp_path_factory):
+  """A finished 4-step teacher stage of `run_config` (shared by the tests below)."""
+  workdir = tmp_path_factory.mktemp("teacher")
+  train.train_and_evaluate(run_config(small_model_dir, synthetic_data_dir,
+                                      ("finetune_teacher",)), workdir)
+  return workdir / "teacher"
+
+
 def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
-                                                                synthetic_data_dir, tmp_path):
+                                                                synthetic_data_dir, tmp_path,
+                                                                teacher_dir):
   """kd_jax.diagnose: the per-term gradients of one batch add up to the gradient of the
   whole objective (recomputed here with jax.grad of losses.distillation_loss), and the
   clf share is the norm of the cross-entropy's gradient alone. A student with
   num_train_steps=0 is tested exactly as initialised (the paper's Table 5)."""
   import jax.numpy as jnp
   from kd_jax import diagnose, losses, sharding
-  config = run_config(small_model_dir, synthetic_data_dir, ("finetune_teacher", "distill"))
+  config = run_config(small_model_dir, synthetic_data_dir, ("distill",))
   config.student.init = "from_teacher"
   config.student.train.num_train_steps = 0
+  config.teacher.checkpoint = str(teacher_dir)
   workdir = epath.Path(tmp_path)
   results = train.train_and_evaluate(config, workdir)
   assert results["distill"]["step"] == 0
@@ -340,7 +351,8 @@ def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
 
 
 def test_reduced_vocabulary_student_distills_from_the_full_teacher(small_model_dir,
-                                                                   synthetic_data_dir, tmp_path):
+                                                                   synthetic_data_dir, tmp_path,
+                                                                   teacher_dir):
   """A student with the reduced vocabulary of the task's texts (kd_jax.vocab,
   min-frequency 1) distilled from the full-vocabulary teacher: the teacher reads its
   ids, the student the mapped ones of the same tokens, so it trains exactly as the
@@ -351,7 +363,6 @@ def test_reduced_vocabulary_student_distills_from_the_full_teacher(small_model_d
   from kd_jax.data import tasks
   from kd_jax.data.schema import DataError
   teacher = run_config(small_model_dir, synthetic_data_dir, ("finetune_teacher",))
-  train.train_and_evaluate(teacher, tmp_path / "t")
   task = tasks.load_task(teacher.data, teacher.seed, log=None)
   texts = [e.text for split in task.splits.values() for e in split]
   vocab.reduce_model_dir(small_model_dir, tmp_path / "reduced", texts)
@@ -360,7 +371,7 @@ def test_reduced_vocabulary_student_distills_from_the_full_teacher(small_model_d
   for name, vocab_dir in (("full", ""), ("reduced", str(tmp_path / "reduced"))):
     config = run_config(small_model_dir, synthetic_data_dir, ("distill",))
     config.student.init = "from_teacher"
-    config.teacher.checkpoint = str(tmp_path / "t" / "teacher")
+    config.teacher.checkpoint = str(teacher_dir)
     config.student.vocab = vocab_dir
     runs[name] = train.train_and_evaluate(config, tmp_path / name)["distill"]
   assert runs["reduced"]["per_language"] == runs["full"]["per_language"]
