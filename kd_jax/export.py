@@ -313,8 +313,9 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   Reads `<stage_dir>/model_config.json`, restores `checkpoints/best` (or `final`), takes the
   tokenizer of the stage's reduced vocabulary (`tokenizer`, config.student.vocab) or of
-  its `base_model` (resolved with hf_io.resolve_model_dir) unless `tokenizer_dir` is given. Class names: `labels`, else those of the task that trained
-  the stage (recorded in model_config.json), else LABEL_i.
+  its `base_model` (resolved with hf_io.resolve_model_dir) unless `tokenizer_dir` is
+  given. Class names: `labels`, else those of the task that trained the stage (recorded
+  in model_config.json), else LABEL_i.
   Raises:
     FileNotFoundError: no model_config.json or no best checkpoint (names the path).
     FileExistsError, ValueError: as export_hf.
