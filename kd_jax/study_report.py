@@ -30,9 +30,9 @@ from kd_jax import paths
 from kd_jax.study import Study, StudyError, expand, read_record, state
 
 METRIC_NAMES = {"avg": "avg", "seen_avg": "seen avg", "unseen_avg": "unseen avg",
-                "overall": "overall", "retention_avg": "retention avg %",
-                "retention_seen_avg": "retention seen avg %",
-                "retention_unseen_avg": "retention unseen avg %"}
+                "overall": "overall", "retention_avg": "retention avg",
+                "retention_seen_avg": "retention seen avg",
+                "retention_unseen_avg": "retention unseen avg"}
 
 
 def run_metrics(result: Mapping) -> dict[str, float]:
@@ -516,7 +516,9 @@ def write_report(study: Study, workdir: str | os.PathLike) -> epath.Path:
   counts = {}
   for rec in collected["runs"].values():
     counts[rec["state"]] = counts.get(rec["state"], 0) + 1
-  md = [f"# {study.title}", "", f"Study file: `{study.path}`; base config `{study.config}`.",
+  shown = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
+  md = [f"# {study.title}", "",
+        f"Study file: `{shown(study.path)}`; base config `{shown(study.config)}`.",
         "", "Runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "."]
   if study.budget:
     md += ["", f"Budget: {study.budget}"]

@@ -15,6 +15,9 @@ study file's arguments: the grid is the same.
 from kd_jax.data.tsm import TSM_LANGUAGES
 from kd_jax.study import seeds
 
+# The budgets paragraph above, for the study reports.
+BUDGET = __doc__[__doc__.index("Budgets (") + len("Budgets "):__doc__.index("The paper")].strip()
+
 SEEDS = seeds((0, 1, 2))
 INIT = {"from_teacher": {"student.init": "from_teacher"},
         "from_base": {"student.init": "from_base"},

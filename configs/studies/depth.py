@@ -21,5 +21,5 @@ def get_study():
                    columns="kd", metric="retention_avg", teacher=False)],
       comparisons=[dict(axis="depth", a="L6", b="L4"), dict(axis="depth", a="L4", b="L2"),
                    dict(axis="kd", a="KD", b="NONKD")],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )

@@ -28,5 +28,5 @@ def get_study():
                    columns="alpha")],
       comparisons=[dict(axis="loss", a="klT1", b="mse"), dict(axis="loss", a="klT4", b="klT1"),
                    dict(axis="alpha", a="a0.2", b="a0.8")],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )

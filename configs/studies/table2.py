@@ -43,5 +43,5 @@ def get_study():
                   where={"task": task, "width": "h384", "kd": "KD"},
                   title=f"{task}: per-language test macro-F1, 6 x 384 KD students")
              for task in common.TASKS],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )

@@ -60,5 +60,5 @@ def get_study():
                   where={"task": task, "train": "seen", "kd": "KD"},
                   title=f"{task}: teacher and KD students trained on seen languages")
              for task in tasks],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )

@@ -25,5 +25,5 @@ def get_study():
                    extra_rows={"chance (100 / classes)": common.CHANCE})],
       paper={"table5": common.PAPER_TABLE5},
       comparisons=[dict(axis="finetune", a="yes", b="no")],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )

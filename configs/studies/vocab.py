@@ -28,5 +28,5 @@ def get_study():
                 kd=common.KD),
       tables=[dict(name="vocab", title="Vocabulary, tsm", rows="vocab", columns="kd")],
       comparisons=[dict(axis="vocab", a="tsm8", b="full"), dict(axis="kd", a="KD", b="NONKD")],
-      budget=common.__doc__.split("Budgets")[1].split("The paper")[0].strip(" :\n"),
+      budget=common.BUDGET,
   )
