@@ -515,7 +515,7 @@ def build_distill(config, workdir, mesh) -> StagePlan:
   transforms, info = (), {}
   if sc.vocab:
     params, model_cfg, data, transforms, info = reduced_vocab_student(
-        config, params, model_cfg, data, task)
+        config, params, model_cfg, data, task, tokenizer)
   objective, teachers = Objective({"clf": 1.0}), ()
   if dc.kd:
     objective = Objective({k: float(v) for k, v in dc.weights.items() if float(v) > 0},
@@ -535,7 +535,8 @@ def build_distill(config, workdir, mesh) -> StagePlan:
 
 
 def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
-                          data: Mapping[str, batching.TokenizedData], task: tasks.TaskData):
+                          data: Mapping[str, batching.TokenizedData], task: tasks.TaskData,
+                          tokenizer):
   """A student with the reduced vocabulary of `config.student.vocab` (a dir written by
   `python -m kd_jax.vocab --min-frequency 1`; Abdaoui et al. 2020): its word-embedding
   rows are those of the kept tokens (`vocab.reduce_params`: the copied teacher's or
@@ -543,6 +544,7 @@ def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
   a batch transform adds the student's ids of the same tokens (`student_input_ids`), so
   every position lines up for the layer-wise terms. Val and test (read by the student
   alone) are tokenised with the reduced tokenizer, as the exported student will be.
+  `tokenizer`: the full one, that tokenised `data` (it names a missing token).
 
   Returns (params, EncoderConfig, data with val/test re-tokenised, (transform,), info for
   model_config.json: the reduced dir, whose tokenizer export and evaluation use).
@@ -570,7 +572,6 @@ def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
                       f"{model_cfg.vocab_size} embeddings (another tokenizer's vocabulary?)")
   lookup = np.full(model_cfg.vocab_size, -1, np.int32)
   lookup[kept] = np.arange(len(kept), dtype=np.int32)
-  tokenizer = hf_io.load_tokenizer(hf_io.resolve_model_dir(config.model))
   train = data["train"]
   for i, ids in enumerate(train.input_ids):
     missing = ids[lookup[ids] < 0]

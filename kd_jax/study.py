@@ -119,6 +119,10 @@ class Run:
   def result_file(self, root: epath.Path) -> epath.Path:
     return self.stage_dir(root) / "test.json"
 
+  def teacher_stage_dir(self, root: epath.Path) -> epath.Path:
+    """A student's teacher stage dir (its teacher run's `<workdir>/teacher`)."""
+    return root / "runs" / self.teacher / "teacher"
+
 
 # ---------------------------------------------------------------------------
 # the study file
@@ -291,8 +295,7 @@ def command(run: Run, study: Study, root: epath.Path, *, python: str = sys.execu
   if run.kind == "teacher" or "stages" not in overrides:
     overrides["stages"] = (run.stage,)
   if run.kind == "student":
-    overrides["teacher.checkpoint"] = os.fspath(
-        root / "runs" / run.teacher / "teacher")
+    overrides["teacher.checkpoint"] = os.fspath(run.teacher_stage_dir(root))
   return [python, "-m", "kd_jax.main", f"--config={study.config}",
           f"--workdir={run.workdir(root)}",
           *(f"--config.{k}={flag_value(v)}" for k, v in overrides.items()), *extra]
@@ -300,7 +303,11 @@ def command(run: Run, study: Study, root: epath.Path, *, python: str = sys.execu
 
 def eval_dir(run: Run, root: epath.Path, name: str) -> epath.Path:
   """Where evaluation `name` of a finished run writes its test.json."""
-  return run.stage_dir(root) / f"eval_{name}"
+  return _eval_dir(run.stage_dir(root), name)
+
+
+def _eval_dir(stage_dir: epath.Path, name: str) -> epath.Path:
+  return stage_dir / f"eval_{name}"
 
 
 def evaluations(study: Study, runs: Sequence[Run]) -> list[tuple[Run, dict]]:
@@ -331,8 +338,7 @@ def eval_command(run: Run, spec: Mapping, study: Study, root: epath.Path, *,
           f"--stage={run.stage_dir(root)}", f"--out={eval_dir(run, root, spec['name'])}",
           *(f"--config.{k}={flag_value(v)}" for k, v in overrides.items())]
   if run.teacher is not None:
-    teacher = Run(name=run.teacher, kind="teacher", labels=(), overrides=())
-    argv.append(f"--teacher={eval_dir(teacher, root, spec['name']) / 'test.json'}")
+    argv.append(f"--teacher={_eval_dir(run.teacher_stage_dir(root), spec['name'])}/test.json")
   return argv
 
 
@@ -464,8 +470,9 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
       if rc != 0 and not stop.requested:
         rc_total = 1
       write_manifest(study, runs, root)
-    groups = list(dict.fromkeys(r.teacher or r.name for r, _ in evaluations(study, runs)))
-    mine_evals = [(r, spec) for r, spec in evaluations(study, runs)
+    all_evals = evaluations(study, runs)
+    groups = list(dict.fromkeys(r.teacher or r.name for r, _ in all_evals))
+    mine_evals = [(r, spec) for r, spec in all_evals
                   if groups.index(r.teacher or r.name) % count == index]
     for run, spec in mine_evals:
       done = eval_dir(run, root, spec["name"]) / "test.json"
