@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from kd_jax import config_base, losses, paths, sharding, stages
+from kd_jax import config_base, losses, paths, sharding, stages, train
 
 FLAGS = flags.FLAGS
 
@@ -62,17 +62,14 @@ def term_gradients(plan: stages.StagePlan, batches: int) -> dict[str, dict[str, 
       teacher.model.config.num_layers if teacher else 0)
   trainable = {"model": plan.params, "proj": plan.projections}
 
-  def apply(model, params, batch, **kwargs):
-    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch.get("token_type_ids"), deterministic=True, **kwargs)
-
   @jax.jit
   def grads(trainable, teacher_params, batch):
-    teacher_out = apply(teacher.model, teacher_params, batch, **t_needed) if teacher else None
+    teacher_out = (train.apply_model(teacher.model, teacher_params, batch, deterministic=True,
+                                     **t_needed) if teacher else None)
 
     def term(params, name):
-      student_batch = dict(batch, input_ids=batch.get("student_input_ids", batch["input_ids"]))
-      out = apply(plan.student, params["model"], student_batch, **s_needed)
+      out = train.apply_model(plan.student, params["model"], train.student_view(batch),
+                              deterministic=True, **s_needed)
       total, values = losses.distillation_loss(
           out, teacher_out, batch, weights={name: weights[name]},
           layer_map=objective.layer_map, prediction_loss=objective.prediction_loss,

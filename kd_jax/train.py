@@ -14,6 +14,7 @@ stage is skipped on a rerun, so the same command resumes a multi-stage job.
 from __future__ import annotations
 
 import logging
+import functools
 import math
 import os
 import signal
@@ -28,7 +29,7 @@ import optax
 from clu import metric_writers, periodic_actions
 from flax import struct
 
-from kd_jax import checkpoints, config_base, evaluation, losses, paths, sharding, stages
+from kd_jax import checkpoints, config_base, evaluation, hf_io, losses, paths, sharding, stages
 from kd_jax.models.encoder import Encoder
 
 
@@ -104,6 +105,75 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_train_steps: int, nonfinit
   return tx, schedule
 
 
+def apply_model(model: Encoder, params, batch: Mapping[str, jax.Array], **kwargs):
+  """`model` on `batch` (input_ids, attention_mask, optional token_type_ids [B, L]): the
+  batch's `token_index` (unpadded execution, kd_jax.models.unpad) and, for a model with
+  the MLM head, its `masked_positions` are passed on; `kwargs` go to `Encoder.__call__`
+  (deterministic, rngs, the intermediates to return)."""
+  if "masked_positions" in batch and model.config.head == "mlm":
+    kwargs["masked_positions"] = batch["masked_positions"]
+  if "token_index" in batch:
+    kwargs["token_index"] = batch["token_index"]
+  return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                     batch.get("token_type_ids"), **kwargs)
+
+
+def student_view(batch: Mapping[str, jax.Array]) -> Mapping[str, jax.Array]:
+  """The batch as the student reads it: a reduced-vocabulary student
+  (config.student.vocab) gets `student_input_ids` as its input_ids; the teachers keep
+  `input_ids`."""
+  if "student_input_ids" not in batch:
+    return batch
+  return dict(batch, input_ids=batch["student_input_ids"])
+
+
+def full_params(plan: stages.StagePlan, schedule, weight_decay: float, mesh):
+  """`state -> the full model's parameters` of `plan` (what evaluation and the kept
+  checkpoint take): `state.params["model"]` itself, or with a CompactEmbedding the
+  full word-embedding table: the initial rows × Π_{k<n} (1 − schedule(k) · weight_decay)
+  for the n updates applied so far (AdamW's decoupled decay of rows whose gradient was
+  always 0; `_decay_mask` decays embeddings), the trained rows scattered in. Placed
+  with `sharding.param_shardings` of the full tree."""
+  if plan.embedding is None:
+    return lambda state: state.params["model"]
+  rows, table = plan.embedding.rows, plan.embedding.table
+  path = ("embeddings", "word_embeddings", "embedding")
+
+  def with_table(tree, leaf):
+    tree = dict(tree)
+    node = tree
+    for key in path[:-1]:
+      node[key] = dict(node[key])
+      node = node[key]
+    node[path[-1]] = leaf
+    return tree
+
+  full_shapes = with_table(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        plan.params), jax.ShapeDtypeStruct(table.shape,
+                                                                           jnp.float32))
+  shardings = sharding.param_shardings(full_shapes, mesh)
+  table_sharding = shardings
+  for key in path:
+    table_sharding = table_sharding[key]
+  initial = sharding.shard_tree(table, table_sharding)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def expand(model_params, initial, decay):
+    compact = model_params
+    for key in path:
+      compact = compact[key]
+    return with_table(model_params, (initial * decay).at[rows].set(compact))
+
+  def fn(state):
+    applied = int(state.step)
+    if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # skipped steps decay nothing
+      applied -= int(state.opt_state.total_notfinite)
+    lr = np.asarray(schedule(jnp.arange(applied)), np.float64) if applied else np.zeros(0)
+    decay = np.prod(1.0 - lr * weight_decay)
+    return expand(state.params["model"], initial, jnp.float32(decay))
+  return fn
+
+
 def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                     weights: Mapping[str, float], layer_map: tuple[int | None, ...],
                     prediction_loss: str, temperature: float, mesh, alpha: float = -1.0,
@@ -137,13 +207,7 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       weights, layer_map, student.config.num_layers,
       teachers[0].config.num_layers if teachers else 0)
 
-  def apply(model, params, batch, **kwargs):
-    if "masked_positions" in batch and model.config.head == "mlm":
-      kwargs["masked_positions"] = batch["masked_positions"]
-    if "token_index" in batch:  # unpadded execution (kd_jax.models.unpad)
-      kwargs["token_index"] = batch["token_index"]
-    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch.get("token_type_ids"), **kwargs)
+  apply = apply_model
 
   def train_step(state: TrainState, teacher_params, batch, rng):
     teacher_out = None
@@ -159,9 +223,7 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       teacher_out = jax.lax.stop_gradient(teacher_out)
     dropout_rng = jax.random.fold_in(rng, state.step)
 
-    # A reduced-vocabulary student reads its own ids of the same tokens.
-    student_batch = (dict(batch, input_ids=batch["student_input_ids"])
-                     if "student_input_ids" in batch else batch)
+    student_batch = student_view(batch)
 
     def loss_fn(params):
       student_out = apply(student, params["model"], student_batch, deterministic=False,
@@ -314,6 +376,7 @@ def train_stage(plan: stages.StagePlan, mesh, guard: PreemptionGuard) -> dict:
   """
   tc, last = plan.train, plan.num_steps
   tx, schedule = make_optimizer(tc, last, plan.nonfinite)
+  model_params = full_params(plan, schedule, tc.weight_decay, mesh)
   state, state_sharding = create_train_state({"model": plan.params, "proj": plan.projections},
                                              tx, mesh)
   train_step = make_train_step(
@@ -326,7 +389,14 @@ def train_stage(plan: stages.StagePlan, mesh, guard: PreemptionGuard) -> dict:
   writer = metric_writers.create_default_writer(plan.stage_dir,
                                                 just_logging=jax.process_index() > 0)
   with checkpoints.StageCheckpoints(plan.stage_dir, plan.keep) as ckpt:
-    state = ckpt.restore_latest(state)
+    try:
+      state = ckpt.restore_latest(state)
+    except hf_io.CheckpointMismatchError as e:
+      if plan.embedding is None or "word_embeddings" not in str(e):
+        raise
+      raise hf_io.CheckpointMismatchError(
+          f"{e}. This run was saved with the whole embedding table: resume it with "
+          "--config.compact_embeddings=False") from e
     step = int(state.step)
     if step == 0:
       writer.write_hparams(plan.hparams)
@@ -335,7 +405,7 @@ def train_stage(plan: stages.StagePlan, mesh, guard: PreemptionGuard) -> dict:
                  plan.steps_per_epoch, step)
     # A resumed step that was due an evaluation may have been stopped during it.
     stopped = guard.requested or (step > 0 and evals.due(step)
-                                  and not evals.run(step, state.params["model"]))
+                                  and not evals.run(step, model_params(state)))
     report = periodic_actions.ReportProgress(num_train_steps=last, writer=writer)
     batches, pending = plan.batches(step), None  # pending: metrics not yet checked
     dropout_rng = sharding.replicate(plan.dropout_rng, mesh)
@@ -362,13 +432,13 @@ def train_stage(plan: stages.StagePlan, mesh, guard: PreemptionGuard) -> dict:
         scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
         scalars["train/learning_rate"] = float(schedule(step - 1))
         writer.write_scalars(step, scalars)
-      if evaluate and not preempted and not evals.run(step, state.params["model"]):
+      if evaluate and not preempted and not evals.run(step, model_params(state)):
         preempted = save = True  # stopped during the evaluation: resume evaluates again
       if save:
         ckpt.save_latest(step, state)
       stopped = preempted or killed
     ckpt.wait()
-    results = {} if stopped or guard.requested else evals.finish(step, state.params["model"])
+    results = {} if stopped or guard.requested else evals.finish(step, model_params(state))
   if not results:
     logging.info("%s stopped after step %d; run the same command again to resume",
                  plan.name, step)
@@ -397,10 +467,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   run raises checkpoints.WorkdirLockedError before anything is written. A stage whose
   `checkpoints.FINISHED_FILES` entry exists is finished and not rerun, so the same
   command resumes a multi-stage job. One PreemptionGuard covers every stage. Prints and
-  writes `<workdir>/results.md` (the classification stages).
+  writes `<workdir>/results.md` (the classification stages). JAX's persistent
+  compilation cache is turned on as `config.compilation_cache` says
+  (`paths.enable_compilation_cache`), so a rerun of the same shapes compiles nothing.
   """
   config_base.validate_config(config)
   config, workdir = paths.resolve_config(config, workdir)
+  paths.enable_compilation_cache(config.compilation_cache)
   mesh = sharding.create_mesh_from_config(config.mesh)
   stages.check_all(config, workdir, mesh)  # before the lock: a config error writes nothing
   results = {}

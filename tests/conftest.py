@@ -24,6 +24,37 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def tiny_config(model: str, data: str, *, languages=("english", "arabic"),
+                train_fraction=0.05, eval_fraction=0.05, max_length=32, num_train_steps=12,
+                eval_batch_size=16, eval_every_steps=4, checkpoint_every_steps=2,
+                log_every_steps=4, extra: str = "") -> str:
+  """The text of a config file (`get_config()`, as `--config` loads it) of a tiny job on
+  `model` and `data` (paths as written, relative ones too): 2-layer student, teacher and
+  student trained for `num_train_steps` steps of 8 examples, one bucket of `max_length`;
+  `extra`: more lines of get_config's body (indented by 2)."""
+  return f'''
+from kd_jax import config_base
+
+
+def get_config():
+  config = config_base.base_config()
+  config.model = {model!r}
+  config.data.data_dir = {data!r}
+  config.data.languages = {tuple(languages)!r}
+  config.data.train_fraction = {train_fraction!r}
+  config.data.eval_fraction = {eval_fraction!r}
+  config.data.max_length = {max_length!r}
+  config.data.buckets = ({max_length!r},)
+  for name in ("teacher", "student"):
+    config[name].train = config_base.train_config(
+        batch_size=8, eval_batch_size={eval_batch_size}, num_train_steps={num_train_steps},
+        learning_rate=1e-3, eval_every_steps={eval_every_steps},
+        checkpoint_every_steps={checkpoint_every_steps}, log_every_steps={log_every_steps})
+  config.student.num_layers = 2
+{extra}  return config
+'''
+
+
 # Set to 1 to run the tests as if there were no real data (real_data_dir skips).
 NO_REAL_DATA_ENV = "KD_JAX_TEST_NO_REAL_DATA"
 

@@ -21,28 +21,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-CONFIG = """
-from kd_jax import config_base
-
-def get_config():
-  config = config_base.base_config()
-  config.model = {model!r}
-  config.data.data_dir = {data!r}
-  config.data.languages = ("english", "arabic", "hindi")
-  config.data.train_fraction = 0.05
-  config.data.eval_fraction = 0.1
-  config.data.max_length = 64
-  config.data.buckets = (64,)  # one batch shape: one compilation per step function
-  for name in ("teacher", "student"):
-    config[name].train = config_base.train_config(
-        batch_size=8, eval_batch_size=16, num_train_steps=6, learning_rate=1e-3,
-        eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1)
-  config.student.num_layers = 2
-  return config
-"""
 
 # Test-only hook: the `latest` save of step 4 announces itself and then hangs before
 # Orbax commits it (renames the temporary directory), so the test can kill it there.
@@ -140,7 +121,11 @@ def reference(tiny_model_dir, real_data_dir, tmp_path_factory):
   """Both stages, one process, uninterrupted."""
   base = tmp_path_factory.mktemp("multihost")
   config = base / "tiny_config.py"
-  config.write_text(CONFIG.format(model=str(tiny_model_dir), data=str(real_data_dir)))
+  # one batch shape: one compilation per step function
+  config.write_text(tiny_config(str(tiny_model_dir), str(real_data_dir),
+                                languages=("english", "arabic", "hindi"), eval_fraction=0.1,
+                                max_length=64, num_train_steps=6, eval_every_steps=2,
+                                log_every_steps=1))
   _run(_single(config, base / "reference"), base, "reference")
   return config, base, base / "reference"
 

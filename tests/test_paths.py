@@ -17,30 +17,12 @@ from etils.epath import gpath, testing as epath_testing
 from kd_jax import checkpoints, config_base, export, paths, train, vocab
 from kd_jax.config_base import ConfigError
 from kd_jax.data import tsm
+from conftest import tiny_config
 
 ROOT = epath.Path(__file__).parent.parent
 
 # Written into the test's current directory; every path in it is relative to that.
-TINY_CONFIG = '''
-from kd_jax import config_base
-
-
-def get_config():
-  config = config_base.base_config()
-  config.model = "model"          # a relative model directory
-  config.data.data_dir = "data"   # a relative data directory
-  config.data.languages = ("english", "arabic")
-  config.data.train_fraction = 0.05
-  config.data.eval_fraction = 0.05
-  config.data.max_length = 32
-  config.data.buckets = (32,)
-  for name in ("teacher", "student"):
-    config[name].train = config_base.train_config(
-        batch_size=8, eval_batch_size=16, num_train_steps=12, learning_rate=1e-3,
-        eval_every_steps=4, checkpoint_every_steps=2, log_every_steps=4)
-  config.student.num_layers = 2
-  return config
-'''
+TINY_CONFIG = tiny_config("model", "data")
 
 
 @pytest.fixture
@@ -297,3 +279,55 @@ def test_unknown_field_message():
       "error: config.studnt is not a field of config; did you mean config.student? (all "
       "fields and their defaults: kd_jax/config_base.py)")
   assert unknown_field_message(["--config.seed=1"], field_error.value) is None
+
+
+@pytest.fixture
+def jax_cache_settings():
+  """Restores JAX's compilation-cache settings (process-wide) after the test."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+           "jax_persistent_cache_min_compile_time_secs")
+  before = {n: getattr(jax.config, n) for n in names}
+  yield
+  for n, v in before.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
+
+def test_compilation_cache_auto_off_and_dir(tmp_path, monkeypatch, jax_cache_settings):
+  import jax
+  import jax.numpy as jnp
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "models"))
+  # auto keeps a directory JAX already has (here the test session's)
+  session_dir = jax.config.jax_compilation_cache_dir
+  assert session_dir and paths.enable_compilation_cache("auto") == paths.resolve(session_dir)
+  # auto without one: under the kd_jax cache root
+  jax.config.update("jax_compilation_cache_dir", None)
+  assert paths.enable_compilation_cache("auto") == tmp_path / "models" / "xla"
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  f = lambda x: jnp.sin(x) * 3.0 + x.sum()
+  x = jnp.arange(7.0)
+  jax.block_until_ready(jax.jit(f)(x))
+  entries = sorted(p.name for p in (tmp_path / "models" / "xla").iterdir())
+  assert entries  # the compiled function was written
+  # the same function jitted anew (a rerun's new closure) is read back: nothing new written
+  jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())(x))
+  assert sorted(p.name for p in (tmp_path / "models" / "xla").iterdir()) == entries
+  # an explicit directory, then off
+  assert paths.enable_compilation_cache(str(tmp_path / "mine")) == tmp_path / "mine"
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+  assert paths.enable_compilation_cache("off") is None
+  assert not jax.config.jax_enable_compilation_cache
+  jax.block_until_ready(jax.jit(lambda x: jnp.cos(x) - 1.0)(x))
+  assert not (tmp_path / "mine").exists()
+  with pytest.raises(ValueError, match="compilation_cache is empty"):
+    paths.enable_compilation_cache("")
+
+
+def test_compilation_cache_config_validated():
+  config = config_base.base_config()
+  assert config.compilation_cache == "auto"
+  config.compilation_cache = ""
+  with pytest.raises(ConfigError, match="config.compilation_cache="):
+    config_base.validate_config(config)

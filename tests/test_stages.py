@@ -323,6 +323,7 @@ def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
   results = train.train_and_evaluate(config, workdir)
   assert results["distill"]["step"] == 0
   mesh = sharding.create_mesh_from_config(config.mesh)
+  config.compact_embeddings = False  # the plan's params: the full model, as initialised
   plan = stages.build("distill", paths.resolve_config(config, workdir)[0], workdir, mesh)
   scalars, _ = plan.final_evaluator(plan.params, 0)
   assert results["distill"]["per_language"] == plan.final_evaluator.metrics["per_language"]
@@ -348,6 +349,48 @@ def test_diagnose_terms_add_up_and_zero_steps_evaluate_the_copy(small_model_dir,
   assert sum(s["grad_norm"] for s in stats.values()) >= total * (1 - 1e-5)  # triangle
   report = diagnose.format_report(stats, 1.0)
   assert f"|g| (all terms) = {total:.3f}" in report
+
+
+def test_compact_embeddings_train_as_the_full_table(small_model_dir, synthetic_data_dir,
+                                                   tmp_path):
+  """config.compact_embeddings: teacher and student update only the embedding rows their
+  training data uses, and end where dense AdamW over the whole table ends (optax itself,
+  compact_embeddings=False): the same kept parameters within float32 rounding, rows
+  never used included (they only decay: weight decay 5 makes that visible), and the
+  same test scores."""
+  from kd_jax import sharding
+  runs, plans = {}, {}
+  for compact in (False, True):
+    config = run_config(small_model_dir, synthetic_data_dir, ("finetune_teacher", "distill"))
+    config.compact_embeddings = compact
+    for name in ("teacher", "student"):
+      config[name].train.weight_decay = 5.0
+    workdir = tmp_path / str(compact)
+    runs[compact] = train.train_and_evaluate(config, workdir)
+    mesh = sharding.create_mesh_from_config(config.mesh)
+    plans[compact] = stages.build("finetune_teacher", paths.resolve_config(config, workdir)[0],
+                                  workdir, mesh)
+  for stage in ("finetune_teacher", "distill"):
+    assert runs[True][stage]["per_language"] == runs[False][stage]["per_language"]
+    assert runs[True][stage]["step"] == runs[False][stage]["step"]
+  rows = plans[True].embedding.rows
+  vocab_size = plans[False].model_config.vocab_size
+  assert len(rows) < vocab_size and plans[False].embedding is None
+  emb = lambda p: np.asarray(p["embeddings"]["word_embeddings"]["embedding"])
+  assert emb(plans[True].params).shape[0] == len(rows)
+  unused = np.setdiff1d(np.arange(vocab_size), rows)
+  initial = emb(plans[False].params)
+  for stage in ("teacher", "student"):
+    cfg, _ = checkpoints.load_model_config(tmp_path / "False" / stage)
+    dense = checkpoints.restore_stage_params(tmp_path / "False" / stage, cfg)
+    compact = checkpoints.restore_stage_params(tmp_path / "True" / stage, cfg)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dense),
+                            jax.tree.leaves(compact)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                 err_msg=jax.tree_util.keystr(path))
+    if stage == "teacher":  # unused rows decayed (the kept step >= 2 updates at lr 1e-3)
+      ratio = emb(compact)[unused] / initial[unused]
+      assert np.all(ratio < 1 - 1e-3) and np.ptp(ratio) < 1e-5
 
 
 def test_reduced_vocabulary_student_distills_from_the_full_teacher(small_model_dir,

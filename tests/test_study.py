@@ -14,7 +14,7 @@ from etils import epath
 from kd_jax import study as study_lib
 from kd_jax import study_report
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 STUDY = '''
 from kd_jax.study import seeds
@@ -160,28 +160,6 @@ def test_training_loss_curve_from_event_files(tmp_path):
   assert study_report.train_curve(epath.Path(tmp_path), "train/clf")[1] == [0.75, 0.625, 0.375]
 
 
-TINY_BASE = '''
-from kd_jax import config_base
-
-
-def get_config():
-  config = config_base.base_config()
-  config.model = {model!r}
-  config.data.data_dir = {data!r}
-  config.data.languages = ("english", "arabic")
-  config.data.train_fraction = 0.02
-  config.data.eval_fraction = 0.05
-  config.data.subset_seed = 0
-  config.data.max_length = 32
-  config.data.buckets = (32,)
-  for name in ("teacher", "student"):
-    config[name].train = config_base.train_config(
-        batch_size=8, eval_batch_size=32, num_train_steps=6, learning_rate=1e-3,
-        eval_every_steps=3, checkpoint_every_steps=2, log_every_steps=2)
-  config.student.num_layers = 2
-  return config
-'''
-
 TINY_STUDY = '''
 from kd_jax.study import seeds
 
@@ -216,8 +194,10 @@ def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
   0's teacher, then finishes; share 0's is stopped after 2 of 6 steps
   (`stop_after_steps`). Then one full run resumes exactly the stopped one, skips
   everything else, runs the evaluation and writes the report."""
-  (tmp_path / "base.py").write_text(TINY_BASE.format(model=str(synthetic_model_dir),
-                                                     data=str(synthetic_data_dir)))
+  (tmp_path / "base.py").write_text(tiny_config(
+      str(synthetic_model_dir), str(synthetic_data_dir), train_fraction=0.02,
+      eval_batch_size=32, num_train_steps=6, eval_every_steps=3, log_every_steps=2,
+      extra="  config.data.subset_seed = 0\n"))
   (tmp_path / "study.py").write_text(TINY_STUDY)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   second = subprocess.Popen(_study_argv("--index", "1", "--count", "2"), cwd=tmp_path,

@@ -486,10 +486,8 @@ _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_co
 def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
   if cache_dir is not None:
     return pathlib.Path(cache_dir).expanduser()
-  env = os.environ.get("KD_JAX_CACHE")
-  if env:
-    return pathlib.Path(env).expanduser()
-  return pathlib.Path.home() / ".cache" / "kd_jax" / "models"
+  from kd_jax import paths
+  return pathlib.Path(paths.cache_root())
 
 
 def ensure_converted(name: str = "multilingual-e5-small", cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
