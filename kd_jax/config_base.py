@@ -195,9 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   # per encoder; loss terms and optimizer stay per layer). Same parameters and results, other
   # dropout masks (Encoder.scan_layers). Pays off for deep or small models; README, Benchmark.
   config.scan_layers = False
-  # True: training steps run the encoders' token-wise work (dense layers, LayerNorm, GELU,
-  # dropout) on the real tokens only (kd_jax.models.unpad); attention stays [B, T]. Same
-  # results on real tokens, other dropout draws; ~20 % faster at a quarter padding on CPU.
+  # True: training steps and evaluation run the encoders' token-wise work (dense layers,
+  # LayerNorm, GELU, dropout) on the real tokens only (kd_jax.models.unpad); attention stays
+  # [B, T]. Same results on real tokens, other dropout draws; ~20 % faster at a quarter
+  # padding on CPU.
   config.unpad = False
   # Token budget granularity of `unpad`: each step's budget (real tokens of the fullest
   # batch shard) is rounded up to a multiple of this; one compilation per distinct budget.

@@ -65,7 +65,8 @@ def evaluate_stage(stage_dir: epath.Path, config: ml_collections.ConfigDict, out
       model, data, "test", batch_size=config.student.train.eval_batch_size,
       buckets=config.data.buckets, pad_id=tokenizer.pad_token_id, mesh=mesh,
       label_names=task.label_names, label_kind=task.label_kind,
-      seen_languages=task.seen_languages or None, teacher_metrics=list(teacher_results))
+      seen_languages=task.seen_languages or None, teacher_metrics=list(teacher_results),
+      unpad_multiple=config.unpad_multiple if config.unpad else None)
   evaluator(params, 0)
   metrics = dict(evaluator.metrics, stage_dir=str(stage_dir), languages=list(task.languages))
   if checkpoints.is_primary():

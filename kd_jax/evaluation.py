@@ -35,6 +35,7 @@ from sklearn.metrics import f1_score
 
 from kd_jax import masking, paths, sharding
 from kd_jax.data import batching
+from kd_jax.models import unpad
 
 __all__ = ["classification_metrics", "token_metrics", "retention", "format_markdown_table",
            "write_results", "ClassificationEvaluator", "MLMEvaluator", "Interrupted"]
@@ -492,17 +493,22 @@ class ClassificationEvaluator:
   model's tree) may be sharded over `mesh`; the batch is sharded over its batch axes.
   `interrupt`: polled before each batch, raises Interrupted when true.
   `teacher_metrics`: the teachers' results on this split; the result then holds
-  `"retention"` (`retention`) too.
+  `"retention"` (`retention`) too. `unpad_multiple`: None runs the padded batches; an
+  int runs the token-wise work on the real tokens only (`kd_jax.models.unpad`, budget a
+  multiple of it, 0: `unpad.default_multiple`), as training with `config.unpad` does:
+  the same logits up to float32 rounding, one compilation per distinct budget.
   """
 
   def __init__(self, model, data: batching.TokenizedData, split: str, *, batch_size: int,
                buckets, pad_id: int, mesh, label_names, label_kind: str = "sequence",
-               seen_languages=None, teacher_metrics=None):
+               seen_languages=None, teacher_metrics=None, unpad_multiple: int | None = None):
     def predict(params, batch):
+      extra = {"token_index": batch["token_index"]} if "token_index" in batch else {}
       logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           batch.get("token_type_ids")).logits
+                           batch.get("token_type_ids"), **extra).logits
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B] or [B, T]
     self.predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
+    self.unpad_multiple = unpad_multiple
     self.data, self.split, self.mesh = data, split, mesh
     self.batch_args = (batch_size, buckets, pad_id)
     self.label_names, self.label_kind = tuple(label_names), label_kind
@@ -514,8 +520,13 @@ class ClassificationEvaluator:
   def _predictions(self, params, interrupt) -> list:
     """Per example: the predicted class, or the predicted tag ids at its labelled tokens."""
     out: list = [None] * len(self.data)
+    groups = sharding.batch_divisor(self.mesh)
     for batch in _eval_batches(self.data, *self.batch_args, interrupt):
       index = batch.pop("example_index")
+      if self.unpad_multiple is not None:
+        mask = batch["attention_mask"]
+        multiple = self.unpad_multiple or unpad.default_multiple(mask.size // groups)
+        batch["token_index"] = unpad.token_index(mask, groups, multiple)
       pred = np.asarray(self.predict(params, sharding.shard_global_batch(batch, self.mesh)))
       for row in np.flatnonzero(index >= 0):
         i = index[row]

@@ -81,9 +81,10 @@ def main(argv):
   from kd_jax.checkpoints import CheckpointError
   from kd_jax.config_base import ConfigError
   from kd_jax.data.schema import DataError
+  from kd_jax.hf_io import CheckpointMismatchError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, CheckpointError, DataError) as e:  # names the field, file or row
+  except (ConfigError, CheckpointError, CheckpointMismatchError, DataError) as e:  # names it
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -477,7 +477,8 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
   student, _ = _modules(config, train_cfg, _dropout(config))
   kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                 pad_id=model_cfg.pad_token_id, mesh=mesh, label_names=task.label_names,
-                label_kind=task.label_kind, seen_languages=task.seen_languages or None)
+                label_kind=task.label_kind, seen_languages=task.seen_languages or None,
+                unpad_multiple=config.unpad_multiple if config.unpad else None)
   teacher_cfg = teachers[0].model.config if teachers else None
   val = evaluation.ClassificationEvaluator(eval_model, data["val"], "val", **kwargs)
   return StagePlan(

@@ -235,3 +235,41 @@ def test_config_unpad_adds_token_index_per_batch_shard():
   config.unpad_multiple = -1
   with pytest.raises(ValueError, match="config.unpad_multiple=-1"):
     config_base.validate_config(config)
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_unpadded_evaluator_equals_padded(head):
+  """ClassificationEvaluator with unpad_multiple (what config.unpad gives val and test):
+  the same logits as the padded evaluator, so the same predictions and metrics, on
+  batches whose lengths vary (budgets below the padded size)."""
+  from kd_jax import evaluation
+  from kd_jax.data.batching import IGNORE_LABEL, TokenizedData
+  cfg = _config("bert", num_labels=3, head=head)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  r = np.random.default_rng(1)
+  lengths = r.integers(3, T + 1, 40)
+  ids = [np.concatenate([[2], r.integers(5, 100, n - 2), [3]]).astype(np.int32)
+         for n in lengths]
+  token_labels = None
+  if head == "token":
+    token_labels = [np.where(r.random(n) < 0.7, r.integers(0, 3, n), IGNORE_LABEL)
+                    .astype(np.int32) for n in lengths]
+  data = TokenizedData(ids, lengths.astype(np.int32), r.integers(0, 3, 40).astype(np.int32),
+                       (np.arange(40) % 2).astype(np.int32), language_order=("en", "ar"),
+                       token_labels=token_labels)
+  mesh = sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])
+  names = ("O", "B-X", "I-X") if head == "token" else ("a", "b", "c")
+  kwargs = dict(batch_size=8, buckets=(T,), pad_id=1, mesh=mesh, label_names=names,
+                label_kind=head)
+  padded = evaluation.ClassificationEvaluator(Encoder(cfg), data, "val", **kwargs)
+  unpadded = evaluation.ClassificationEvaluator(Encoder(cfg), data, "val", unpad_multiple=0,
+                                                **kwargs)
+  p, u = padded._predictions(params, None), unpadded._predictions(params, None)
+  for a, b in zip(p, u):
+    np.testing.assert_array_equal(a, b)
+  budgets = set()
+  real = unpadded.predict
+  unpadded.predict = lambda params, batch: (budgets.add(batch["token_index"].shape[-1]),
+                                            real(params, batch))[1]
+  assert unpadded(params, 0) == padded(params, 0)
+  assert budgets and max(budgets) < 8 * T  # the real tokens, not the padded positions
