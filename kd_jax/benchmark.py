@@ -1,4 +1,5 @@
-"""Throughput of the KD train step: kd_jax beside an equivalent PyTorch step.
+"""Throughput of the KD train step: kd_jax beside an equivalent PyTorch step
+(`--inference`: the forward speed of teacher and students, kd_jax.benchmark_inference).
 
     python -m kd_jax.benchmark --teacher_layers 12 --student_layers 6 --hidden 384 \
         --heads 12 --intermediate 1536 --vocab 250037 --seq_len 128 --batch 32 \
@@ -10,7 +11,9 @@ update after global-norm clipping, with the TinyBERT objective of the paper
 
 * kd_jax: `kd_jax.train.make_train_step` itself on a 1-device mesh, random init
   (no checkpoint), `make_optimizer` (AdamW, clip 1.0, weight decay 0.01), on the same
-  padded [B, T] tensors as PyTorch.
+  padded [B, T] tensors as PyTorch. The ids come from `--rows` of the vocabulary (a
+  corpus's share) and the student trains only those rows (`config.compact_embeddings`,
+  the default of training: the same parameters as dense AdamW); `--rows 0`: dense.
 * kd_jax_unpadded: the same step with the batch's `token_index`
   (`kd_jax.models.unpad`, what training uses with `config.unpad`, budget rounded
   as there): dense layers, LayerNorms, GELU and dropout on the real tokens only,
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import losses, sharding
+from kd_jax import losses, sharding, stages
 from kd_jax.config_base import train_config
 from kd_jax.models import unpad as unpad_lib
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
@@ -79,6 +82,11 @@ class Sizes:
   vocab: int = 250037
   seq_len: int = 128
   batch: int = 32
+  # Word-embedding rows the training data touches: the batch's ids are drawn from that
+  # many (a fifth of tsm's training tweets, all 8 languages, touch 16,128 of e5's 250,037).
+  # kd_jax's optimizer then updates those rows only (config.compact_embeddings, the
+  # default), PyTorch's AdamW the whole table. 0: ids over the whole vocabulary, both dense.
+  rows: int = 16128
 
 
 @dataclasses.dataclass
@@ -99,17 +107,31 @@ def layer_map(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
 
 
 def make_batch(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random batch: input_ids int32 [B, T] (PAD_ID after each length), attention_mask
-  int32 [B, T], labels int32 [B], example_mask float32 [B] (all 1).
+  """Random batch: input_ids int32 [B, T] (PAD_ID after each length; drawn from
+  `sizes.rows` fixed ids when that is below the vocabulary), attention_mask int32
+  [B, T], labels int32 [B], example_mask float32 [B] (all 1).
   Lengths are uniform in [max(1, T // 2), T]."""
   rng = np.random.default_rng(seed)
   b, t = sizes.batch, sizes.seq_len
   lengths = rng.integers(max(1, t // 2), t + 1, size=b)
   mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
-  ids = rng.integers(2, sizes.vocab, size=(b, t)).astype(np.int32) * mask + PAD_ID * (1 - mask)
+  ids = rng.integers(2, sizes.vocab, size=(b, t))
+  if _compact(sizes):  # the ids of a corpus that uses `rows` of them
+    ids = _row_ids(sizes)[ids % sizes.rows]
+  ids = ids.astype(np.int32) * mask + PAD_ID * (1 - mask)
   return {"input_ids": ids.astype(np.int32), "attention_mask": mask,
           "labels": rng.integers(0, NUM_LABELS, size=b).astype(np.int32),
           "example_mask": np.ones(b, np.float32)}
+
+
+def _compact(sizes: Sizes) -> bool:
+  return 0 < sizes.rows < sizes.vocab - 2
+
+
+def _row_ids(sizes: Sizes) -> np.ndarray:
+  """The `sizes.rows` ids (of 2..vocab-1) that `make_batch` draws from, whatever the seed."""
+  rng = np.random.default_rng(0)
+  return np.sort(rng.choice(np.arange(2, sizes.vocab), sizes.rows, replace=False))
 
 
 # ---------------------------------------------------------------------------
@@ -140,6 +162,11 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   kt, ks = jax.random.split(jax.random.PRNGKey(seed))
   t_params = jax.jit(init_params, static_argnums=0)(tcfg, kt)
   s_params = jax.jit(init_params, static_argnums=0)(scfg, ks)
+  student_cfg = scfg
+  if _compact(sizes):  # as a training stage does with its data's ids (stages._classification)
+    s_params, student_cfg, _, lookup = stages.compact_embedding(
+        jax.device_get(s_params), scfg, _row_ids(sizes))
+    batch_np = dict(batch_np, student_input_ids=lookup[batch_np["input_ids"]])
   tc = train_config()
   tx, _ = make_optimizer(tc, 1000)
   trainable = {"model": s_params, "proj": {}}
@@ -147,7 +174,7 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
                                         opt_state=tx.init(trainable)), mesh)
   t_params = sharding.replicate(t_params, mesh)
   teacher = Encoder(tcfg, scan_layers=scan_layers)
-  student = Encoder(scfg, scan_layers=scan_layers)
+  student = Encoder(student_cfg, scan_layers=scan_layers)
   lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
   step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
                             prediction_loss="mse", temperature=1.0, mesh=mesh)
@@ -428,7 +455,9 @@ def format_table(results: dict, sizes: Sizes) -> str:
   text += (f"\n({sizes.batch} examples × {sizes.seq_len} positions, {real:.0f} real tokens "
            f"per step; teacher {sizes.teacher_layers} / student {sizes.student_layers} layers, "
            f"hidden {sizes.hidden}, heads {sizes.heads}, FFN {sizes.intermediate}, "
-           f"vocab {sizes.vocab})")
+           f"vocab {sizes.vocab}, " + (f"{sizes.rows} rows touched: kd_jax updates those, "
+                                      "PyTorch the whole table)" if _compact(sizes) else
+                                      "ids over the whole table)"))
   return text
 
 
@@ -449,7 +478,17 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scan_layers", action="store_true",
                  help="kd_jax encoders run their layers as one lax.scan (less compile time)")
+  p.add_argument("--inference", action="store_true",
+                 help="forward throughput of teacher and students instead "
+                      "(kd_jax.benchmark_inference): kd_jax and exported PyTorch models")
+  p.add_argument("--data-dir", default=None,
+                 help="--inference: data folder with tsm (default $KD_JAX_DATA_DIR)")
+  p.add_argument("--limit", type=int, default=0,
+                 help="--inference: this many tsm test texts (0: all)")
   a = p.parse_args(argv)
+  if a.inference:
+    from kd_jax import benchmark_inference
+    return benchmark_inference.main(a.data_dir, limit=a.limit)
   sizes = Sizes(**{k: getattr(a, k) for k in dataclasses.asdict(Sizes())})
   threads = a.threads or os.cpu_count()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "

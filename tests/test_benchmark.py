@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -10,9 +11,13 @@ pytest.importorskip("transformers")
 from kd_jax import benchmark  # noqa: E402
 
 
-def test_benchmark_tiny_returns_positive_finite_numbers():
+@pytest.mark.parametrize("rows", [0, 40])
+def test_benchmark_tiny_returns_positive_finite_numbers(rows):
   sizes = benchmark.Sizes(teacher_layers=2, student_layers=2, hidden=32, heads=4,
-                          intermediate=64, vocab=100, seq_len=16, batch=4)
+                          intermediate=64, vocab=100, seq_len=16, batch=4, rows=rows)
+  if rows:
+    assert set(np.unique(benchmark.make_batch(sizes)["input_ids"])) <= set(
+        benchmark._row_ids(sizes)) | {benchmark.PAD_ID}
   results = benchmark.run_benchmark(sizes, steps=1, warmup=0, threads=1)
   for name in ("kd_jax", "pytorch"):
     r = results[name]
@@ -45,3 +50,31 @@ def test_torch_scores_attention_returns_pre_softmax_scores():
   probs = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
   masked = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
   assert torch.allclose(torch.softmax(masked, -1), probs, atol=1e-6)
+
+
+def test_inference_benchmark_tiny_models(synthetic_model_dir):
+  """--inference's timing and table on a tiny teacher (random inputs): every model runs
+  in kd_jax and, exported, in PyTorch; the reduced-vocabulary student reads its own ids."""
+  import jax
+  from kd_jax import benchmark_inference as bi
+  from kd_jax import hf_io
+  cfg, params, _ = hf_io.load_pretrained(str(synthetic_model_dir), num_labels=3,
+                                         init_rng=jax.random.PRNGKey(0))
+  r = np.random.default_rng(0)
+  ids = [r.integers(5, cfg.vocab_size // 2, r.integers(4, 40)).astype(np.int32)
+         for _ in range(70)]
+  kept = np.unique(np.concatenate(ids))
+  models = bi.model_set(cfg, params, kept)
+  reduced_cfg = models["reduced_vocab"][0]
+  assert reduced_cfg.vocab_size == len(np.union1d(np.arange(cfg.pad_token_id + 1), kept))
+  assert models["half_width"][0].hidden_size == cfg.hidden_size // 2
+  lookup = np.full(cfg.vocab_size, -1, np.int32)
+  keep = np.union1d(np.arange(cfg.pad_token_id + 1), kept)
+  lookup[keep] = np.arange(len(keep))
+  rows = bi.run_inference(models, ids, lookup, latency_n=3)
+  assert [row["model"] for row in rows] == ["teacher", "student", "half_width", "reduced_vocab"]
+  for row in rows:
+    for key in ("kd_jax_b32", "kd_jax_b1_ms", "torch_b32", "torch_b1_ms"):
+      assert math.isfinite(row[key]) and row[key] > 0, (row, key)
+  assert rows[1]["params_m"] < rows[0]["params_m"] and rows[3]["params_m"] < rows[1]["params_m"]
+  assert "| reduced_vocab |" in bi.format_rows(rows)
