@@ -347,17 +347,17 @@ def setup_torch(sizes: Sizes, batch_np: dict, *, seed: int = 0,
 # ---------------------------------------------------------------------------
 # FLOPs (GPU only)
 # ---------------------------------------------------------------------------
-def step_flops(sizes: Sizes) -> float:
-  """Model FLOPs of one KD step on padded tokens B*T:
-  6·P_s·N + 2·P_t·N (P = non-embedding parameters per model, N = B*T tokens) plus
-  attention matmuls (QKᵀ and PV: 4·B·T²·H per layer forward, ×3 for the student's
-  forward + backward)."""
+def step_flops(sizes: Sizes, tokens: int | None = None) -> float:
+  """Model FLOPs of one KD step on `tokens` tokens (default the padded B*T):
+  6·P_s·N + 2·P_t·N (P = non-embedding parameters per model, N tokens) plus
+  attention matmuls on [B, T] (QKᵀ and PV: 4·B·T²·H per layer forward, ×3 for the
+  student's forward + backward)."""
   h, i = sizes.hidden, sizes.intermediate
   per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h   # attn, FFN, 2 LayerNorms
   head = h * h + h + h * NUM_LABELS + NUM_LABELS
   p_s = sizes.student_layers * per_layer + head
   p_t = sizes.teacher_layers * per_layer + head
-  n = sizes.batch * sizes.seq_len
+  n = sizes.batch * sizes.seq_len if tokens is None else tokens
   attn = 4 * sizes.batch * sizes.seq_len ** 2 * h
   return (6 * p_s * n + 2 * p_t * n
           + 3 * attn * sizes.student_layers + attn * sizes.teacher_layers)
@@ -371,6 +371,38 @@ def mfu(sizes: Sizes, step_s: float, peak_flops: float | None = None) -> tuple[f
     kind = jax.devices()[0].device_kind
     peak_flops = next((v[0] for k, v in PEAK_FLOPS.items() if k in kind), float("nan"))
   return achieved, achieved / peak_flops
+
+
+def matmul_flops_per_s(m: int = 4096, k: int = 384, n: int = 1536, repeats: int = 10) -> float:
+  """This machine's float32 rate on one jitted [m, k] x [k, n] matmul (the student's FFN
+  shape at 32 x 128 tokens): FLOP/s of the median of `repeats` timed calls. The
+  attainable limit the step's achieved rate is compared with."""
+  a = jnp.ones((m, k), jnp.float32)
+  b = jnp.ones((k, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * m * k * n / float(np.median(times))
+
+
+def limit_lines(results: dict, sizes: Sizes, batch_np: dict, matmul: float) -> list[str]:
+  """Per framework: model FLOPs per step (padded, or real tokens for kd_jax_unpadded,
+  which computes only those), achieved GFLOP/s and its share of `matmul` FLOP/s."""
+  real = int(np.sum(batch_np["attention_mask"]))
+  lines = [f"single matmul [4096,384]x[384,1536]: {matmul / 1e9:.1f} GFLOP/s (the limit)"]
+  for key, r in results.items():
+    if not isinstance(r, Result):
+      continue
+    flops = step_flops(sizes, real if key == "kd_jax_unpadded" else None)
+    rate = flops / r.step_s
+    lines.append(f"{r.framework}: {flops / 1e9:.0f} GFLOP per step "
+                 f"({'real tokens' if key == 'kd_jax_unpadded' else 'padded'}), "
+                 f"{rate / 1e9:.1f} GFLOP/s = {rate / matmul:.0%} of the matmul rate")
+  return lines
 
 
 # ---------------------------------------------------------------------------
@@ -500,6 +532,9 @@ def main(argv=None) -> dict:
                           torch_attention=a.torch_attention, seed=a.seed,
                           scan_layers=a.scan_layers)
   print(format_table(results, sizes))
+  if jax.default_backend() == "cpu":
+    print("\n".join(limit_lines(results, sizes, make_batch(sizes, a.seed),
+                                 matmul_flops_per_s())))
   torch_r = results.get("pytorch")
   if torch_r is not None:
     print("PyTorch attention loss on " + (

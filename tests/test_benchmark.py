@@ -28,6 +28,9 @@ def test_benchmark_tiny_returns_positive_finite_numbers(rows):
   assert results["ratio"] == pytest.approx(
       results["kd_jax"].examples_per_s / results["pytorch"].examples_per_s)
   assert "kd_jax / PyTorch" in benchmark.format_table(results, sizes)
+  lines = benchmark.limit_lines(results, sizes, benchmark.make_batch(sizes), 1e9)
+  flops = benchmark.step_flops(sizes)
+  assert f"{flops / 1e9 / results['kd_jax'].step_s:.1f} GFLOP/s" in lines[1]
 
 
 def test_torch_scores_attention_returns_pre_softmax_scores():
