@@ -1,7 +1,8 @@
 """A study in one command: a grid of teacher and student runs, then its tables and plots.
 
   python -m kd_jax.study --study configs/studies/table2.py --workdir runs/table2 \
-      [--index I --count N] [--dry-run] [--report] [-- --config.field=value ...]
+      [--index I --count N] [--dry-run] [--report] [--reuse DIRS] \
+      [-- --config.field=value ...]
 
 A study file is Python, like `configs/`: `get_study()` returns a dict with
 
@@ -31,12 +32,22 @@ or hosts on a shared workdir cover the grid once; a student whose teacher is ano
 share's waits for it. `<workdir>/manifest.json` lists every run and its state; when the
 runs of this share are done, the report is written (`kd_jax.study_report.write_report`).
 SIGTERM stops the run in progress (it saves a checkpoint) and the study after it.
+
+Runs are shared between studies: a pending run whose `kd_jax.main` flags (the config file
+by content, without its workdir and teacher dir) and teacher are those of a finished run
+of another study (`--reuse DIRS`; default: every study workdir beside this one) is not
+trained again: its directory links to that run (`manifest.json` names it in
+`reused_from`). Table 5's fine-tuned students are Table 2's from_teacher KD students,
+and most studies share Table 2's teachers.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -361,6 +372,111 @@ def state(run: Run, root: epath.Path) -> str:
   return "pending"
 
 
+def _literal(text: str) -> Any:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return list(value) if isinstance(value, tuple) else value
+
+
+@functools.lru_cache(maxsize=None)
+def _config_defaults(path: str) -> dict[str, Any]:
+  """{dotted field: value} of a config file's get_config() ({} if it does not load)."""
+  try:
+    spec = importlib.util.spec_from_file_location("_study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config().to_dict()
+  except Exception:  # noqa: BLE001 - then every flag counts
+    return {}
+  out = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  walk(config, "")
+  return out
+
+
+def run_identity(argv: Sequence[str], teacher: str | None = None) -> str:
+  """What a run computes, whichever study holds it: the `--config.<field>=<value>`
+  flags of its `kd_jax.main` argv (`command`, or a record's command split) that differ
+  from the config file's own values, without --workdir and the teacher dir; the config
+  file by a hash of its text (a missing file: by its path); and `teacher`, the teacher
+  run's identity (None for a teacher). Raises nothing."""
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  defaults = _config_defaults(config_path) if config_path else {}
+  try:
+    config_id = "sha256:" + hashlib.sha256(epath.Path(config_path).read_bytes()).hexdigest()
+  except OSError:
+    config_id = config_path
+  flags = {}
+  for arg in argv[3:]:  # after python -m kd_jax.main
+    if not arg.startswith("--config.") or "=" not in arg:
+      continue
+    field, text = arg[len("--config."):].split("=", 1)
+    if field == "teacher.checkpoint":
+      continue
+    value = _literal(text)
+    if field in defaults and defaults[field] == value:
+      continue
+    flags[field] = value
+  return json.dumps([config_id, sorted(flags.items(), key=lambda kv: kv[0]), teacher],
+                    default=repr)
+
+
+def finished_runs(workdirs: Sequence[str | os.PathLike]) -> dict[str, epath.Path]:
+  """{run_identity: run dir} of the finished runs (not themselves links) recorded in
+  the `manifest.json` of each study workdir in `workdirs`; dirs without one are
+  skipped."""
+  out: dict[str, epath.Path] = {}
+  for directory in workdirs:
+    manifest = epath.Path(directory) / MANIFEST
+    if not manifest.exists():
+      continue
+    entries = {e["name"]: e for e in json.loads(manifest.read_text())["runs"]}
+
+    def identity(entry):
+      record = epath.Path(entry["workdir"]) / RUN_RECORD
+      if not record.exists() or os.path.islink(entry["workdir"]):
+        return None
+      command = json.loads(record.read_text()).get("command")
+      teacher = None
+      if entry.get("teacher"):
+        teacher = identity(entries[entry["teacher"]])
+        if teacher is None:
+          return None
+      return run_identity(shlex.split(command), teacher) if command else None
+
+    for entry in entries.values():
+      stage = "teacher" if entry["kind"] == "teacher" else "student"
+      if not (epath.Path(entry["workdir"]) / stage / "test.json").exists():
+        continue
+      key = identity(entry)
+      if key is not None:
+        out.setdefault(key, epath.Path(entry["workdir"]))
+  return out
+
+
+def _identities(runs: Sequence[Run], study: Study, root: epath.Path, extra) -> dict[str, str]:
+  by_name, out = {r.name: r for r in runs}, {}
+  for run in runs:  # teachers come before their students (expand)
+    teacher = out[by_name[run.teacher].name] if run.teacher else None
+    out[run.name] = run_identity(command(run, study, root, extra=extra), teacher)
+  return out
+
+
+def _sibling_workdirs(root: epath.Path) -> list[epath.Path]:
+  if not root.parent.exists():
+    return []
+  return sorted(d for d in root.parent.iterdir()
+                if d != root and d.is_dir() and (d / MANIFEST).exists())
+
+
 def write_manifest(study: Study, runs: Sequence[Run], root: epath.Path) -> dict:
   """`<workdir>/manifest.json`: the study file, base config and every run with its
   kind, labels, teacher, state, command and wall time (seconds, over all attempts)."""
@@ -373,6 +489,8 @@ def write_manifest(study: Study, runs: Sequence[Run], root: epath.Path) -> dict:
                     "overrides": {k: v for k, v in run.overrides},
                     "wall_s": record.get("wall_s", 0.0),
                     "command": record.get("command")})
+    if os.path.islink(run.workdir(root)):
+      entries[-1]["reused_from"] = os.path.realpath(run.workdir(root))
   counts = {s: sum(e["state"] == s for e in entries) for s in STATES}
   manifest = {"study": study.path, "config": study.config, "counts": counts, "runs": entries}
   root.mkdir(parents=True, exist_ok=True)
@@ -424,20 +542,34 @@ def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> i
 
 def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count: int = 1,
               python: str = sys.executable, extra: Sequence[str] = (), dry_run: bool = False,
-              poll_s: float = 30.0, out: Callable[[str], None] = print) -> int:
+              poll_s: float = 30.0, out: Callable[[str], None] = print,
+              reuse: Sequence[str | os.PathLike] | None = None) -> int:
   """Runs share `index` of `count` of the study's grid under `workdir` (see the module
   docstring); `extra`: config flags added to every run. Returns 0 when no run of the
   share failed (a run may have stopped itself: `train.stop_after_steps`), 1 when one
-  failed or was skipped, 130 when stopped by a signal.
-  With `dry_run`, prints the commands still to run and runs nothing."""
+  failed or was skipped, 130 when stopped by a signal. `reuse`: study workdirs whose
+  finished runs stand in for identical pending ones (linked, not retrained); None:
+  every study workdir beside `workdir`; () none.
+  With `dry_run`, prints the commands still to run (and the runs it would reuse) and
+  runs nothing."""
   root = paths.resolve(workdir)
   runs = expand(study)
   mine = share(runs, index, count)
   by_name = {r.name: r for r in runs}
+  elsewhere = finished_runs(_sibling_workdirs(root) if reuse is None else
+                            [paths.resolve(d) for d in reuse if paths.resolve(d) != root])
+  identities = _identities(runs, study, root, extra) if elsewhere else {}
+
+  def reusable(run):
+    found = elsewhere.get(identities.get(run.name))
+    return found if found is not None and not run.workdir(root).exists() else None
+
   if dry_run:
     for run in mine:
       if state(run, root) != "finished":
-        out(shlex.join(command(run, study, root, python=python, extra=extra)))
+        found = reusable(run)
+        out(f"# {run.name}: reuse {found}" if found else
+            shlex.join(command(run, study, root, python=python, extra=extra)))
     return 0
   env = dict(os.environ)
   stop, rc_total = _Stop(), 0
@@ -449,6 +581,12 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
         break
       current = state(run, root)
       if current == "finished":
+        continue
+      found = reusable(run)
+      if found is not None:  # the same run, finished by another study
+        run.workdir(root).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(found, run.workdir(root), target_is_directory=True)
+        out(f"[study] {run.name}: reused {found} (same command, finished)")
         continue
       if run.teacher is not None:
         teacher = by_name[run.teacher]
@@ -511,7 +649,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--report", action="store_true",
                  help="only write the report (tables, plots) of the finished runs")
   p.add_argument("--poll", type=float, default=30.0, help="seconds between teacher checks")
+  p.add_argument("--reuse", default="auto",
+                 help="comma-separated study workdirs whose finished runs stand in for "
+                      "identical ones here; auto: every study workdir beside --workdir; "
+                      "none: train everything here")
   args = p.parse_args(argv)
+  reuse = (None if args.reuse == "auto" else () if args.reuse == "none" else
+           [d for d in args.reuse.split(",") if d])
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     study = load_study(args.study)
@@ -523,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.report:
     rc = run_study(study, args.workdir, index=args.index, count=args.count, python=args.python,
                    extra=extra, dry_run=args.dry_run, poll_s=args.poll,
-                   out=lambda s: print(s, flush=True))
+                   out=lambda s: print(s, flush=True), reuse=reuse)
   if args.dry_run or rc == 130:
     return rc
   from kd_jax import study_report

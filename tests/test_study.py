@@ -4,6 +4,7 @@ computation, tables, comparisons and plots; and a tiny grid run end to end."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -148,6 +149,49 @@ def test_report_aggregates_seeds_compares_pairs_and_plots(tmp_path):
   png = root / "bars.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![" in text
   assert results["runs"]["en-from_base-seed1"]["state"] == "pending"
+
+
+def test_finished_runs_of_another_study_are_reused_not_retrained(tmp_path):
+  """A second study whose teacher and one student are, flag for flag (a flag equal to
+  the config's own value does not count), runs that a sibling study finished links
+  them instead of training them; the others still run (here `false`: exit 1)."""
+  study = write_study(tmp_path)
+  first, second = tmp_path / "studies" / "a", tmp_path / "studies" / "b"
+  runs = study_lib.expand(study)
+  by_name = {r.name: r for r in runs}
+  done = [by_name["teacher-all"], by_name["all-from_teacher-seed0"]]
+  for run in done:  # a teacher and one of its students: finished in study a
+    argv = study_lib.command(run, study, epath.Path(first))
+    (first / "runs" / run.name).mkdir(parents=True)
+    (first / "runs" / run.name / "study_run.json").write_text(json.dumps(
+        {"command": shlex.join(argv), "returncode": 0, "wall_s": 5.0}))
+    _fake_result(first / "runs" / run.name / run.stage_name / "test.json", {"english": 50.0})
+  study_lib.write_manifest(study, runs, epath.Path(first))
+  # Study b names the student's init differently and states a default explicitly.
+  (tmp_path / "b_files").mkdir()
+  other = write_study(tmp_path / "b_files", STUDY.replace(
+      '"from_teacher": {{"student.init": "from_teacher"}}',
+      '"copy": {{"student.init": "from_teacher", "student.num_layers": 6}}'))
+  copy = {r.name: r for r in study_lib.expand(other)}["all-copy-seed0"]
+  assert study_lib.run_identity(study_lib.command(copy, other, epath.Path(second))) == \
+      study_lib.run_identity(study_lib.command(done[1], study, epath.Path(first)))
+  lines = []
+  rc = study_lib.run_study(other, second, python="false", out=lines.append)
+  assert rc == 1
+  teacher, student = (second / "runs" / "teacher-all"), (second / "runs" / "all-copy-seed0")
+  assert teacher.is_symlink() and os.path.realpath(teacher) == str(first / "runs/teacher-all")
+  assert student.is_symlink() and os.path.realpath(student) == str(
+      first / "runs" / done[1].name)
+  assert not (second / "runs" / "all-copy-seed1").is_symlink()  # another seed: trained
+  manifest = json.loads((second / "manifest.json").read_text())
+  reused = {e["name"]: e.get("reused_from") for e in manifest["runs"]}
+  assert reused["all-copy-seed0"] == str(first / "runs" / done[1].name)
+  assert reused["all-copy-seed1"] is None
+  assert any("all-copy-seed0: reused" in line for line in lines)
+  # --reuse none: nothing is linked
+  third = tmp_path / "studies" / "c"
+  study_lib.run_study(other, third, python="false", out=lines.append, reuse=())
+  assert not (third / "runs" / "teacher-all").is_symlink()
 
 
 def test_training_loss_curve_from_event_files(tmp_path):
