@@ -13,8 +13,8 @@ stage is skipped on a rerun, so the same command resumes a multi-stage job.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import math
 import os
 import signal
@@ -119,8 +119,9 @@ def apply_model(model: Encoder, params, batch: Mapping[str, jax.Array], **kwargs
 
 
 def student_view(batch: Mapping[str, jax.Array]) -> Mapping[str, jax.Array]:
-  """The batch as the student reads it: a reduced-vocabulary student
-  (config.student.vocab) gets `student_input_ids` as its input_ids; the teachers keep
+  """The batch as the student reads it: `student_input_ids` as its input_ids when the
+  student's ids differ from the tokenizer's (a reduced vocabulary, config.student.vocab;
+  the compact embedding rows, config.compact_embeddings); the teachers keep
   `input_ids`."""
   if "student_input_ids" not in batch:
     return batch
@@ -195,8 +196,8 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
   `teachers`: () without distillation terms (teacher_params ()), else one Encoder per
   entry of `teacher_params`; with several, the teacher output is the mean of their logits
   (losses.mean_teacher_logits) and no intermediates.
-  A batch with `student_input_ids` (a reduced-vocabulary student, config.student.vocab)
-  gives the student those ids and the teachers `input_ids`.
+  A batch with `student_input_ids` (`student_view`: a reduced vocabulary or compact
+  embedding rows) gives the student those ids and the teachers `input_ids`.
   A batch with `masked_positions` (kd_jax.masking) gives models with the MLM head
   (`head="mlm"`) those positions, so their logits are [B, P, V] (the MLM terms).
   """
@@ -207,15 +208,13 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       weights, layer_map, student.config.num_layers,
       teachers[0].config.num_layers if teachers else 0)
 
-  apply = apply_model
-
   def train_step(state: TrainState, teacher_params, batch, rng):
     teacher_out = None
     if len(teachers) == 1:
-      teacher_out = apply(teachers[0], teacher_params[0], batch, deterministic=True,
-                          **teacher_outputs)
+      teacher_out = apply_model(teachers[0], teacher_params[0], batch, deterministic=True,
+                                **teacher_outputs)
     elif teachers:
-      outs = [apply(t, p, batch, deterministic=True, **teacher_outputs)
+      outs = [apply_model(t, p, batch, deterministic=True, **teacher_outputs)
               for t, p in zip(teachers, teacher_params)]
       teacher_out = type(outs[0])(logits=losses.mean_teacher_logits([o.logits for o in outs]),
                                   last_hidden_state=None)
@@ -226,8 +225,8 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
     student_batch = student_view(batch)
 
     def loss_fn(params):
-      student_out = apply(student, params["model"], student_batch, deterministic=False,
-                          rngs={"dropout": dropout_rng}, **student_outputs)
+      student_out = apply_model(student, params["model"], student_batch, deterministic=False,
+                                rngs={"dropout": dropout_rng}, **student_outputs)
       return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
                                       layer_map=layer_map, prediction_loss=prediction_loss,
                                       temperature=temperature, projections=params["proj"],
