@@ -1,7 +1,7 @@
 """A study in one command: a grid of teacher and student runs, then its tables and plots.
 
   python -m kd_jax.study --study configs/studies/table2.py --workdir runs/table2 \
-      [--index I --count N] [--dry-run] [--report] [--reuse DIRS] \
+      [--index I --count N] [--only axis=label,...] [--dry-run] [--report] [--reuse DIRS] \
       [-- --config.field=value ...]
 
 A study file is Python, like `configs/`: `get_study()` returns a dict with
@@ -266,6 +266,36 @@ def expand(study: Study) -> list[Run]:
                         labels=labels, overrides=tuple(s_over.items()),
                         teacher=teachers[key].name))
   return [*teachers.values(), *students]
+
+
+def select(runs: Sequence[Run], study: Study, only: Mapping[str, Sequence[str]]) -> list[Run]:
+  """The students whose label on each axis of `only` ({axis: labels}) is one of those
+  labels, and their teachers, in grid order (`--only`: finish some cells first).
+  Raises StudyError naming an axis or label the study does not have."""
+  for axis, labels in only.items():
+    if axis not in study.axes:
+      raise StudyError(f"--only {axis}=...: the study has no axis {axis!r} (axes: "
+                       f"{list(study.axes)})")
+    unknown = sorted(set(labels) - set(study.axes[axis]))
+    if unknown:
+      raise StudyError(f"--only {axis}={'|'.join(labels)}: no label(s) {unknown} on axis "
+                       f"{axis!r} (labels: {list(study.axes[axis])})")
+  students = [r for r in runs if r.kind == "student"
+              and all(dict(r.labels)[a] in labels for a, labels in only.items())]
+  needed = {r.teacher for r in students}
+  return [r for r in runs if r in students or r.name in needed]
+
+
+def parse_only(text: str) -> dict[str, tuple[str, ...]]:
+  """`--only` text `axis=label|label,axis=label` -> {axis: (label, ...)}; "" -> {}.
+  Raises StudyError for an item without "="."""
+  out = {}
+  for item in filter(None, (p.strip() for p in text.split(","))):
+    axis, eq, labels = item.partition("=")
+    if not eq or not labels:
+      raise StudyError(f"--only {item!r}: write axis=label (several: axis=a|b)")
+    out[axis.strip()] = tuple(label.strip() for label in labels.split("|"))
+  return out
 
 
 def share(runs: Sequence[Run], index: int, count: int) -> list[Run]:
@@ -543,18 +573,20 @@ def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> i
 def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count: int = 1,
               python: str = sys.executable, extra: Sequence[str] = (), dry_run: bool = False,
               poll_s: float = 30.0, out: Callable[[str], None] = print,
-              reuse: Sequence[str | os.PathLike] | None = None) -> int:
+              reuse: Sequence[str | os.PathLike] | None = None,
+              only: Mapping[str, Sequence[str]] | None = None) -> int:
   """Runs share `index` of `count` of the study's grid under `workdir` (see the module
   docstring); `extra`: config flags added to every run. Returns 0 when no run of the
   share failed (a run may have stopped itself: `train.stop_after_steps`), 1 when one
   failed or was skipped, 130 when stopped by a signal. `reuse`: study workdirs whose
   finished runs stand in for identical pending ones (linked, not retrained); None:
-  every study workdir beside `workdir`; () none.
+  every study workdir beside `workdir`; () none. `only`: run just the cells it selects
+  (`select`); the manifest still lists the whole grid.
   With `dry_run`, prints the commands still to run (and the runs it would reuse) and
   runs nothing."""
   root = paths.resolve(workdir)
   runs = expand(study)
-  mine = share(runs, index, count)
+  mine = share(select(runs, study, only) if only else runs, index, count)
   by_name = {r.name: r for r in runs}
   elsewhere = finished_runs(_sibling_workdirs(root) if reuse is None else
                             [paths.resolve(d) for d in reuse if paths.resolve(d) != root])
@@ -649,6 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--report", action="store_true",
                  help="only write the report (tables, plots) of the finished runs")
   p.add_argument("--poll", type=float, default=30.0, help="seconds between teacher checks")
+  p.add_argument("--only", default="",
+                 help="run only these cells first: axis=label[|label],... "
+                      "(e.g. task=tsm,width=h384); their teachers come along")
   p.add_argument("--reuse", default="auto",
                  help="comma-separated study workdirs whose finished runs stand in for "
                       "identical ones here; auto: every study workdir beside --workdir; "
@@ -659,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     study = load_study(args.study)
-    share(expand(study), args.index, args.count)
+    only = parse_only(args.only)
+    share(select(expand(study), study, only), args.index, args.count)
   except StudyError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -667,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.report:
     rc = run_study(study, args.workdir, index=args.index, count=args.count, python=args.python,
                    extra=extra, dry_run=args.dry_run, poll_s=args.poll,
-                   out=lambda s: print(s, flush=True), reuse=reuse)
+                   out=lambda s: print(s, flush=True), reuse=reuse, only=only)
   if args.dry_run or rc == 130:
     return rc
   from kd_jax import study_report

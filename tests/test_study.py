@@ -84,6 +84,26 @@ def test_shares_are_disjoint_and_cover_the_grid(tmp_path):
     study_lib.share(runs, 3, 3)
 
 
+def test_only_selects_cells_and_their_teachers(tmp_path):
+  study = write_study(tmp_path)
+  runs = study_lib.expand(study)
+  only = study_lib.parse_only("data=en, seed=seed1|seed0 ,init=from_base")
+  assert only == {"data": ("en",), "seed": ("seed1", "seed0"), "init": ("from_base",)}
+  assert [r.name for r in study_lib.select(runs, study, only)] == [
+      "teacher-en", "en-from_base-seed0", "en-from_base-seed1"]
+  for text, message in [("data=xx", r"no label\(s\) \['xx'\] on axis 'data'"),
+                        ("width=h384", "the study has no axis 'width'")]:
+    with pytest.raises(study_lib.StudyError, match=message):
+      study_lib.select(runs, study, study_lib.parse_only(text))
+  with pytest.raises(study_lib.StudyError, match="write axis=label"):
+    study_lib.parse_only("data")
+  lines = []
+  assert study_lib.run_study(study, tmp_path / "w", dry_run=True, out=lines.append,
+                             only={"init": ("from_teacher",), "data": ("all",)}) == 0
+  assert [line.split("--workdir=")[1].split()[0].rsplit("/", 1)[1] for line in lines] == [
+      "teacher-all", "all-from_teacher-seed0", "all-from_teacher-seed1"]
+
+
 @pytest.mark.parametrize("body, message", [
     ("x = 1\n", "defines no get_study"),
     ("def get_study():\n  return dict(config='configs/default.py')\n", "has no axes"),
