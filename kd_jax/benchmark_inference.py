@@ -162,7 +162,7 @@ def format_rows(rows: list[dict]) -> str:
 def main(data_dir: str | None, model: str = "multilingual-e5-small", max_length: int = 128,
          limit: int = 0) -> list[dict]:
   """The README's inference table: tsm test texts of `data_dir` (default
-  $KD_JAX_DATA_DIR), `limit` > 0 keeps that many."""
+  $KD_JAX_DATA_DIR); `limit` > 0 keeps that many, evenly spaced over the split."""
   from kd_jax import config_base, hf_io, paths
   from kd_jax.data import batching, tasks
   config = config_base.base_config()
@@ -173,7 +173,9 @@ def main(data_dir: str | None, model: str = "multilingual-e5-small", max_length:
   teacher_cfg, teacher_params, model_dir = hf_io.load_pretrained(
       model, num_labels=NUM_LABELS, init_rng=jax.random.PRNGKey(0))
   tokenizer = hf_io.load_tokenizer(model_dir)
-  examples = task.splits["test"][:limit] if limit else task.splits["test"]
+  examples = list(task.splits["test"])
+  if limit and limit < len(examples):  # evenly spaced: every language keeps its share
+    examples = [examples[i] for i in np.linspace(0, len(examples) - 1, limit).astype(int)]
   ids = batching.tokenize_examples(examples, tokenizer, max_length, task.languages).input_ids
   kept = np.unique(np.concatenate(ids))
   models = model_set(teacher_cfg, teacher_params, kept)
