@@ -127,14 +127,20 @@ def test_kd_narrow_student_uses_projections_unpadded(synthetic_model_dir, synthe
   config.unpad, config.unpad_multiple = True, 8
   config.teacher.train.num_train_steps = 2
   config.student.train.num_train_steps = 2
+  for name in ("teacher", "student"):  # eval batches of other sizes than the train ones
+    config[name].train.eval_batch_size = 4
   results = train.train_and_evaluate(config, tmp_path)
   assert 0 <= results["distill"]["overall"]["macro_f1"] <= 100
   _, state = _latest_params(tmp_path / "student")
   assert state["params"]["proj"]["hid"].shape == (16, 32)
   assert state["params"]["proj"]["embd"].shape == (16, 32)
-  assert len(calls) == 4, calls
-  for positions, multiple, budget in calls:
+  train_positions = config.student.train.batch_size * config.data.max_length
+  train_calls = [c for c in calls if c[0] == train_positions]
+  assert len(train_calls) == 4, calls  # 2 steps per stage
+  for positions, multiple, budget in train_calls:
     assert multiple == 8 and budget % 8 == 0 and budget < positions, calls
+  eval_calls = [c for c in calls if c[0] != train_positions]  # val and test run unpadded
+  assert eval_calls and all(m == 8 and b % 8 == 0 and b <= p for p, m, b in eval_calls)
 
 
 @pytest.mark.parametrize("field,value,message", [
