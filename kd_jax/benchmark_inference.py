@@ -38,10 +38,16 @@ BUCKETS = (32, 64, 128)
 NUM_LABELS = 3
 
 
-def model_set(teacher_cfg: EncoderConfig, teacher_params: Any, kept_ids: np.ndarray
+def reduced_rows(cfg: EncoderConfig, used_ids: np.ndarray) -> np.ndarray:
+  """int [V']: the reduced vocabulary's rows (sorted full-vocabulary ids): the ids the
+  texts use (`used_ids`) and the special ids up to the pad id."""
+  return np.union1d(np.arange(cfg.pad_token_id + 1), used_ids)
+
+
+def model_set(teacher_cfg: EncoderConfig, teacher_params: Any, used_ids: np.ndarray
               ) -> dict[str, tuple[EncoderConfig, Any]]:
   """{name: (EncoderConfig, params)} of the teacher and the three students;
-  `kept_ids`: the ids the texts use (the reduced vocabulary's rows)."""
+  `used_ids`: the ids the texts use (`reduced_rows`)."""
   from kd_jax import vocab
   student = teacher_cfg.replace(num_layers=teacher_cfg.num_layers // 2)
   half = student.replace(hidden_size=teacher_cfg.hidden_size // 2,
@@ -50,8 +56,8 @@ def model_set(teacher_cfg: EncoderConfig, teacher_params: Any, kept_ids: np.ndar
   init = lambda cfg, seed: jax.device_get(
       jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed)))
   student_params = init(student, 1)
-  kept = np.union1d(np.arange(teacher_cfg.pad_token_id + 1), kept_ids)
-  reduced_params, reduced = vocab.reduce_params(student_params, student, kept)
+  reduced_params, reduced = vocab.reduce_params(student_params, student,
+                                                reduced_rows(teacher_cfg, used_ids))
   return {"teacher": (teacher_cfg, teacher_params), "student": (student, student_params),
           "half_width": (half, init(half, 2)), "reduced_vocab": (reduced, reduced_params)}
 
@@ -75,11 +81,12 @@ def time_kd_jax(cfg: EncoderConfig, params: Any, ids: list[np.ndarray], latency_
   model = Encoder(cfg)
   params = jax.device_put(params)
   forward = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m).logits)
-  for b in (32, 1):  # compile every shape first
-    for width in BUCKETS:
-      x = jnp.full((b, width), cfg.pad_token_id, jnp.int32)
-      jax.block_until_ready(forward(params, x, jnp.ones_like(x)))
   full = ids[:len(ids) // 32 * 32]  # whole batches only: no shape compiled while timed
+  shapes = {x.shape for x, _ in _batches(full, 32, cfg.pad_token_id, True)}
+  shapes |= {x.shape for x, _ in _batches(ids[:latency_n], 1, cfg.pad_token_id, True)}
+  for shape in sorted(shapes):  # compile the shapes the timed loops meet, first
+    x = jnp.full(shape, cfg.pad_token_id, jnp.int32)
+    jax.block_until_ready(forward(params, x, jnp.ones_like(x)))
   start = time.perf_counter()
   for x, m in _batches(full, 32, cfg.pad_token_id, True):
     jax.block_until_ready(forward(params, x, m))
@@ -163,7 +170,7 @@ def main(data_dir: str | None, model: str = "multilingual-e5-small", max_length:
          limit: int = 0) -> list[dict]:
   """The README's inference table: tsm test texts of `data_dir` (default
   $KD_JAX_DATA_DIR); `limit` > 0 keeps that many, evenly spaced over the split."""
-  from kd_jax import config_base, hf_io, paths
+  from kd_jax import config_base, hf_io, paths, vocab
   from kd_jax.data import batching, tasks
   config = config_base.base_config()
   if data_dir:
@@ -179,9 +186,7 @@ def main(data_dir: str | None, model: str = "multilingual-e5-small", max_length:
   ids = batching.tokenize_examples(examples, tokenizer, max_length, task.languages).input_ids
   kept = np.unique(np.concatenate(ids))
   models = model_set(teacher_cfg, teacher_params, kept)
-  lookup = np.full(teacher_cfg.vocab_size, -1, np.int32)
-  kept_all = np.union1d(np.arange(teacher_cfg.pad_token_id + 1), kept)
-  lookup[kept_all] = np.arange(len(kept_all), dtype=np.int32)
+  lookup = vocab.id_lookup(reduced_rows(teacher_cfg, kept), teacher_cfg.vocab_size)
   lengths = [len(x) for x in ids]
   print(f"{len(ids)} tsm test texts ({len(task.languages)} languages), tokens per text: "
         f"mean {np.mean(lengths):.1f}, max {max(lengths)}; {os.cpu_count()} CPU cores, "

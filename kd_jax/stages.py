@@ -526,9 +526,7 @@ def compact_embedding(params: dict, model_cfg: EncoderConfig, used_ids: np.ndarr
   rows = np.flatnonzero(keep).astype(np.int32)
   table = np.asarray(params["embeddings"]["word_embeddings"]["embedding"], np.float32)
   compact, compact_cfg = vocab.reduce_params(params, model_cfg, rows)
-  lookup = np.full(v, -1, np.int32)
-  lookup[rows] = np.arange(len(rows), dtype=np.int32)
-  return compact, compact_cfg, CompactEmbedding(rows, table), lookup
+  return compact, compact_cfg, CompactEmbedding(rows, table), vocab.id_lookup(rows, v)
 
 
 def _classification_rngs(config) -> dict:
@@ -643,8 +641,7 @@ def reduced_vocab_student(config, params: dict, model_cfg: EncoderConfig,
   if kept.max() >= model_cfg.vocab_size:
     raise ConfigError(f"{where}: its mapping names id {int(kept.max())}, but the model has "
                       f"{model_cfg.vocab_size} embeddings (another tokenizer's vocabulary?)")
-  lookup = np.full(model_cfg.vocab_size, -1, np.int32)
-  lookup[kept] = np.arange(len(kept), dtype=np.int32)
+  lookup = vocab.id_lookup(kept, model_cfg.vocab_size)
   train = data["train"]
   for i, ids in enumerate(train.input_ids):
     missing = ids[lookup[ids] < 0]

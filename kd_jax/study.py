@@ -39,6 +39,16 @@ of another study (`--reuse DIRS`; default: every study workdir beside this one) 
 trained again: its directory links to that run (`manifest.json` names it in
 `reused_from`). Table 5's fine-tuned students are Table 2's from_teacher KD students,
 and most studies share Table 2's teachers.
+
+An archive keeps a study across machines and sessions (`--archive DIR`, e.g. the study's
+`configs/studies/results/<name>` in the repository): after every run the finished runs'
+small files (results, model config, event files, run record; not checkpoints or logs)
+are copied to `DIR/runs/<name>` and listed in `DIR/manifest.json`, each with its
+identity. On a new machine the same command restores every archived run whose identity
+matches into the workdir (copied) instead of training it, and copies the report into
+`DIR`. An archived teacher has no weights: when a student still needs it, it is trained
+again (the runs are deterministic on one kind of machine; the new result is printed
+beside the archived one).
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +82,9 @@ SCOPES = ("teacher", "student")
 STATES = ("pending", "running", "stopped", "failed", "finished")
 MANIFEST = "manifest.json"
 RUN_RECORD = "study_run.json"  # per run: command, return codes, wall time
+# Not archived: weights, the live lock, the run's console log.
+ARCHIVE_SKIP = ("checkpoints", "kd_jax.lock", "study.log")
+ARCHIVE_MAX_BYTES = 8 << 20
 
 
 class StudyError(ValueError):
@@ -461,20 +475,25 @@ def run_identity(argv: Sequence[str], teacher: str | None = None) -> str:
 
 def finished_runs(workdirs: Sequence[str | os.PathLike]) -> dict[str, epath.Path]:
   """{run_identity: run dir} of the finished runs (not themselves links) recorded in
-  the `manifest.json` of each study workdir in `workdirs`; dirs without one are
-  skipped."""
+  the `manifest.json` of each study workdir or archive in `workdirs` (an archived run:
+  the identity its record stores); dirs without one are skipped."""
   out: dict[str, epath.Path] = {}
   for directory in workdirs:
     manifest = epath.Path(directory) / MANIFEST
     if not manifest.exists():
       continue
     entries = {e["name"]: e for e in json.loads(manifest.read_text())["runs"]}
+    for e in entries.values():  # an archive's are relative to it
+      e["workdir"] = os.fspath(epath.Path(directory) / e["workdir"])
 
     def identity(entry):
       record = epath.Path(entry["workdir"]) / RUN_RECORD
       if not record.exists() or os.path.islink(entry["workdir"]):
         return None
-      command = json.loads(record.read_text()).get("command")
+      record = json.loads(record.read_text())
+      if record.get("identity"):  # archived: the config file may be elsewhere now
+        return record["identity"]
+      command = record.get("command")
       teacher = None
       if entry.get("teacher"):
         teacher = identity(entries[entry["teacher"]])
@@ -528,6 +547,102 @@ def write_manifest(study: Study, runs: Sequence[Run], root: epath.Path) -> dict:
   return manifest
 
 
+def has_weights(run: Run, root: epath.Path) -> bool:
+  """Whether a run's stage dir holds checkpoints (a restored archived run does not)."""
+  return (run.stage_dir(root) / "checkpoints").exists()
+
+
+def _archived_files(run_dir: epath.Path):
+  """(relative path, file) of a run dir's files that an archive keeps."""
+  base = os.path.realpath(run_dir)
+  for dirpath, dirnames, filenames in os.walk(base):
+    dirnames[:] = sorted(d for d in dirnames if d not in ARCHIVE_SKIP)
+    for name in sorted(filenames):
+      f = os.path.join(dirpath, name)
+      if name not in ARCHIVE_SKIP and os.path.getsize(f) <= ARCHIVE_MAX_BYTES:
+        yield os.path.relpath(f, base), f
+
+
+def archive_runs(study: Study, runs: Sequence[Run], root: epath.Path, archive: epath.Path,
+                 identities: Mapping[str, str]) -> int:
+  """Copies every finished run of `runs` under `root` into `archive/runs/<name>` (its
+  small files, `_archived_files`; a file whose size and time match is not copied again),
+  its record with `identities[name]` added, and lists it in `archive/manifest.json`
+  (workdirs relative to the archive; entries of other runs kept). Returns the number of
+  files copied."""
+  manifest_file = archive / MANIFEST
+  entries = {}
+  if manifest_file.exists():
+    entries = {e["name"]: e for e in json.loads(manifest_file.read_text())["runs"]}
+  copied = 0
+  for run in runs:
+    if state(run, root) != "finished":
+      continue
+    target = archive / "runs" / run.name
+    for rel, src in _archived_files(run.workdir(root)):
+      dst = target / rel
+      if rel == RUN_RECORD:
+        record = dict(json.loads(epath.Path(src).read_text()), identity=identities[run.name])
+        text = json.dumps(record, indent=2) + "\n"
+        if not dst.exists() or dst.read_text() != text:
+          dst.parent.mkdir(parents=True, exist_ok=True)
+          paths.write_text_atomic(dst, text)
+          copied += 1
+        continue
+      st = os.stat(src)
+      if os.path.exists(dst) and (os.path.getsize(dst), int(os.path.getmtime(dst))) == (
+          st.st_size, int(st.st_mtime)):
+        continue
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, os.fspath(dst))
+      copied += 1
+    entries[run.name] = {"name": run.name, "kind": run.kind, "labels": dict(run.labels),
+                         "teacher": run.teacher, "state": "finished",
+                         "workdir": os.fspath(epath.Path("runs") / run.name)}
+  if copied or not manifest_file.exists():
+    archive.mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(manifest_file, json.dumps(
+        {"study": os.path.basename(study.path), "runs": list(entries.values())},
+        indent=2, default=repr) + "\n")
+  return copied
+
+
+def restore_runs(runs: Sequence[Run], root: epath.Path, archived: Mapping[str, epath.Path],
+                 identities: Mapping[str, str], out: Callable[[str], None] = print,
+                 dry_run: bool = False, linked: Mapping[str, epath.Path] | None = None
+                 ) -> list[Run]:
+  """Copies the archived run of the same identity (`archived`: `finished_runs` of an
+  archive) into the workdir of every run of `runs` that has none and that `linked`
+  (finished runs with weights, of sibling studies) does not hold; returns those runs.
+  With `dry_run` only says which it would restore."""
+  restored = []
+  for run in runs:
+    found = archived.get(identities.get(run.name))
+    if found is None or run.workdir(root).exists() or identities[run.name] in (linked or {}):
+      continue
+    out(f"# {run.name}: restore {found}" if dry_run else
+        f"[study] {run.name}: restored from the archive {found}")
+    if not dry_run:
+      shutil.copytree(os.fspath(found), os.fspath(run.workdir(root)))
+    restored.append(run)
+  return restored
+
+
+def _retrain_teacher(run: Run, root: epath.Path, out: Callable[[str], None]) -> float | None:
+  """Clears a finished teacher that has no weights (restored from an archive, or a link
+  to one) so it trains again; returns its archived avg score."""
+  if os.path.islink(run.workdir(root)):
+    target = os.path.realpath(run.workdir(root))
+    os.unlink(run.workdir(root))
+    shutil.copytree(target, os.fspath(run.workdir(root)),
+                    ignore=shutil.ignore_patterns(*ARCHIVE_SKIP))
+  archived = json.loads(run.result_file(root).read_text()).get("avg_macro_f1")
+  shutil.rmtree(os.fspath(run.stage_dir(root)))
+  out(f"[study] {run.name}: its weights are not archived and a student needs them: "
+      "training it again")
+  return archived
+
+
 class _Stop:
   """SIGTERM / SIGINT: passed on to the run in progress (which saves and exits), and the
   study stops after it."""
@@ -574,23 +689,35 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
               python: str = sys.executable, extra: Sequence[str] = (), dry_run: bool = False,
               poll_s: float = 30.0, out: Callable[[str], None] = print,
               reuse: Sequence[str | os.PathLike] | None = None,
-              only: Mapping[str, Sequence[str]] | None = None) -> int:
+              only: Mapping[str, Sequence[str]] | None = None,
+              archive: str | os.PathLike | None = None) -> int:
   """Runs share `index` of `count` of the study's grid under `workdir` (see the module
   docstring); `extra`: config flags added to every run. Returns 0 when no run of the
   share failed (a run may have stopped itself: `train.stop_after_steps`), 1 when one
   failed or was skipped, 130 when stopped by a signal. `reuse`: study workdirs whose
   finished runs stand in for identical pending ones (linked, not retrained); None:
   every study workdir beside `workdir`; () none. `only`: run just the cells it selects
-  (`select`); the manifest still lists the whole grid.
-  With `dry_run`, prints the commands still to run (and the runs it would reuse) and
-  runs nothing."""
+  (`select`); the manifest still lists the whole grid. `archive`: restore matching
+  archived runs first, archive every finished run of the share after each run (see the
+  module docstring).
+  With `dry_run`, prints the commands still to run (and the runs it would reuse or
+  restore) and runs nothing."""
   root = paths.resolve(workdir)
   runs = expand(study)
-  mine = share(select(runs, study, only) if only else runs, index, count)
+  selected = select(runs, study, only) if only else runs
+  mine = share(selected, index, count)
   by_name = {r.name: r for r in runs}
   elsewhere = finished_runs(_sibling_workdirs(root) if reuse is None else
                             [paths.resolve(d) for d in reuse if paths.resolve(d) != root])
-  identities = _identities(runs, study, root, extra) if elsewhere else {}
+  archive = paths.resolve(archive) if archive else None
+  archived = finished_runs([archive]) if archive else {}
+  identities = (_identities(runs, study, root, extra) if elsewhere or archive else {})
+  restored = restore_runs(mine, root, archived, identities, out=out, dry_run=dry_run,
+                          linked=elsewhere)
+
+  def students_waiting(teacher):
+    return any(r.teacher == teacher.name and r not in restored
+               and state(r, root) != "finished" for r in selected)
 
   def reusable(run):
     found = elsewhere.get(identities.get(run.name))
@@ -598,6 +725,8 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
 
   if dry_run:
     for run in mine:
+      if run in restored and not (run.kind == "teacher" and students_waiting(run)):
+        continue
       if state(run, root) != "finished":
         found = reusable(run)
         out(f"# {run.name}: reuse {found}" if found else
@@ -612,6 +741,10 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
       if stop.requested:
         break
       current = state(run, root)
+      archived_avg = None
+      if (current == "finished" and run.kind == "teacher" and not has_weights(run, root)
+          and students_waiting(run)):
+        archived_avg, current = _retrain_teacher(run, root, out), "pending"
       if current == "finished":
         continue
       found = reusable(run)
@@ -622,14 +755,18 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
         continue
       if run.teacher is not None:
         teacher = by_name[run.teacher]
-        while state(teacher, root) not in ("finished", "failed") and not stop.requested:
+
+        def ready():
+          return state(teacher, root) == "finished" and has_weights(teacher, root)
+        while not ready() and state(teacher, root) != "failed" and not stop.requested:
           if teacher in mine and mine.index(teacher) < i:
             break  # this share's teacher did not finish (stopped): nothing to wait for
           out(f"[study] {run.name}: waiting for {teacher.name} (another share)")
           time.sleep(poll_s)
-        if state(teacher, root) != "finished":
+        if not ready():
           out(f"[study] {run.name}: skipped, its teacher {teacher.name} is "
-              f"{state(teacher, root)}")
+              f"{state(teacher, root)}" + ("" if state(teacher, root) != "finished" else
+                                           " without weights"))
           rc_total = 1
           continue
       argv = command(run, study, root, python=python, extra=extra)
@@ -637,9 +774,14 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
       rc = _execute(run, argv, root, stop, env)
       out(f"[study] {run.name}: {state(run, root)} (exit {rc}, "
           f"{read_record(run, root)['wall_s']:.0f} s)")
+      if archived_avg is not None and state(run, root) == "finished":
+        again = json.loads(run.result_file(root).read_text()).get("avg_macro_f1")
+        out(f"[study] {run.name}: trained again: avg {again} (archived: {archived_avg})")
       if rc != 0 and not stop.requested:
         rc_total = 1
       write_manifest(study, runs, root)
+      if archive:
+        archive_runs(study, mine, root, archive, identities)
     all_evals = evaluations(study, runs)
     groups = list(dict.fromkeys(r.teacher or r.name for r, _ in all_evals))
     mine_evals = [(r, spec) for r, spec in all_evals
@@ -658,6 +800,8 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
     for s, handler in previous.items():
       signal.signal(s, handler)
   write_manifest(study, runs, root)
+  if archive:
+    archive_runs(study, mine, root, archive, identities)
   if stop.requested:
     out("[study] stopped; run the same command again to resume")
     return 130
@@ -684,6 +828,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--only", default="",
                  help="run only these cells first: axis=label[|label],... "
                       "(e.g. task=tsm,width=h384); their teachers come along")
+  p.add_argument("--archive", default="",
+                 help="directory that keeps the finished runs' results across machines "
+                      "(e.g. configs/studies/results/<name>): restored from, copied to, and "
+                      "given the report")
   p.add_argument("--reuse", default="auto",
                  help="comma-separated study workdirs whose finished runs stand in for "
                       "identical ones here; auto: every study workdir beside --workdir; "
@@ -700,15 +848,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   rc = 0
+  out = functools.partial(print, flush=True)
   if not args.report:
     rc = run_study(study, args.workdir, index=args.index, count=args.count, python=args.python,
-                   extra=extra, dry_run=args.dry_run, poll_s=args.poll,
-                   out=lambda s: print(s, flush=True), reuse=reuse, only=only)
+                   extra=extra, dry_run=args.dry_run, poll_s=args.poll, out=out, reuse=reuse,
+                   only=only, archive=args.archive or None)
+  elif args.archive:
+    root, runs = paths.resolve(args.workdir), expand(study)
+    restore_runs(runs, root, finished_runs([paths.resolve(args.archive)]),
+                 _identities(runs, study, root, extra), out=out)
   if args.dry_run or rc == 130:
     return rc
   from kd_jax import study_report
   report = study_report.write_report(study, args.workdir)
   print(f"[study] report: {report}", flush=True)
+  if args.archive:
+    for f in report.parent.iterdir():
+      if f.name in ("report.md", "results.json") or f.suffix == ".png" or (
+          f.name.startswith("eval_") and f.suffix == ".json"):
+        shutil.copy2(os.fspath(f), os.fspath(paths.resolve(args.archive) / f.name))
+    print(f"[study] report copied to {args.archive}", flush=True)
   return rc
 
 

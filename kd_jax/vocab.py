@@ -330,9 +330,17 @@ class VocabSelection:
 
   def old_to_new(self) -> np.ndarray:
     """int64 [V_tok]: new id of each old id, -1 where dropped."""
-    table = np.full(self.tokenizer_size, -1, np.int64)
-    table[self.kept_ids] = np.arange(len(self.kept_ids))
-    return table
+    return id_lookup(self.kept_ids, self.tokenizer_size, np.int64)
+
+
+def id_lookup(kept_ids: np.ndarray, size: int, dtype=np.int32) -> np.ndarray:
+  """[size] `dtype`: the index of each id in `kept_ids` (distinct ids in 0..size-1, the
+  rows a smaller embedding table keeps, in its order), -1 for an id not kept. Indexing
+  it with full-vocabulary ids gives the smaller table's ids.
+  Raises IndexError for a kept id outside 0..size-1."""
+  table = np.full(size, -1, dtype)
+  table[np.asarray(kept_ids)] = np.arange(len(kept_ids), dtype=dtype)
+  return table
 
 
 def _check_texts(texts: Iterable[str]) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kd_jax import benchmark  # noqa: E402
+from kd_jax import benchmark, vocab  # noqa: E402
 
 
 @pytest.mark.parametrize("rows", [0, 40])
@@ -71,9 +71,11 @@ def test_inference_benchmark_tiny_models(synthetic_model_dir):
   reduced_cfg = models["reduced_vocab"][0]
   assert reduced_cfg.vocab_size == len(np.union1d(np.arange(cfg.pad_token_id + 1), kept))
   assert models["half_width"][0].hidden_size == cfg.hidden_size // 2
+  keep = np.union1d(np.arange(cfg.pad_token_id + 1), kept)  # by hand: specials + used
   lookup = np.full(cfg.vocab_size, -1, np.int32)
-  keep = np.union1d(np.arange(cfg.pad_token_id + 1), kept)
   lookup[keep] = np.arange(len(keep))
+  np.testing.assert_array_equal(lookup, vocab.id_lookup(bi.reduced_rows(cfg, kept),
+                                                        cfg.vocab_size))
   rows = bi.run_inference(models, ids, lookup, latency_n=3)
   assert [row["model"] for row in rows] == ["teacher", "student", "half_width", "reduced_vocab"]
   for row in rows:

@@ -242,6 +242,57 @@ def get_study():
 '''
 
 
+def test_archive_restores_finished_runs_elsewhere_and_retrains_a_needed_teacher(tmp_path):
+  """Finished runs archived from one workdir are restored (copied, without checkpoints)
+  into a new one, where nothing of them runs again; an archived teacher (no weights)
+  trains again only when one of its students still has to train."""
+  study = write_study(tmp_path)
+  runs = study_lib.expand(study)
+  first, archive = epath.Path(tmp_path / "first"), epath.Path(tmp_path / "archive")
+  done = [r for r in runs if r.name == "teacher-all" or r.teacher == "teacher-all"]
+  assert len(done) == 5
+  for run in done:
+    argv = study_lib.command(run, study, first)
+    (first / "runs" / run.name).mkdir(parents=True)
+    (first / "runs" / run.name / "study_run.json").write_text(json.dumps(
+        {"command": shlex.join(argv), "returncode": 0, "wall_s": 5.0, "attempts": 1}))
+    _fake_result(first / "runs" / run.name / run.stage_name / "test.json", {"english": 50.0})
+    (run.stage_dir(first) / "checkpoints/best").mkdir(parents=True)
+    (run.stage_dir(first) / "checkpoints/best/weights").write_bytes(b"w" * 100)
+  identities = study_lib._identities(runs, study, first, ())
+  assert study_lib.archive_runs(study, runs, first, archive, identities) == 10
+  assert study_lib.archive_runs(study, runs, first, archive, identities) == 0  # unchanged
+  manifest = json.loads((archive / "manifest.json").read_text())
+  assert {e["name"]: e["workdir"] for e in manifest["runs"]} == {
+      r.name: f"runs/{r.name}" for r in done}
+  assert not list(archive.glob("runs/*/*/checkpoints"))
+  record = json.loads((archive / "runs/teacher-all/study_run.json").read_text())
+  assert record["identity"] == identities["teacher-all"] and record["attempts"] == 1
+
+  # A new machine: every archived run is restored; teacher-en (not archived) runs.
+  second, lines = epath.Path(tmp_path / "second"), []
+  rc = study_lib.run_study(study, second, python="false", out=lines.append, reuse=(),
+                           archive=archive)
+  assert rc == 1  # teacher-en's `false`
+  for run in done:
+    assert study_lib.state(run, second) == "finished" and not os.path.islink(run.workdir(second))
+    assert study_lib.read_record(run, second)["attempts"] == 1
+  assert not any("training it again" in line for line in lines)
+  assert study_lib.read_record(runs[1], second)["attempts"] == 1  # teacher-en: tried once
+  # One student is not archived: its teacher must train again, then the student.
+  import shutil
+  shutil.rmtree(archive / "runs/all-from_base-seed1")
+  third, lines = epath.Path(tmp_path / "third"), []
+  study_lib.run_study(study, third, python="false", out=lines.append, reuse=(),
+                      archive=archive)
+  assert any("teacher-all: its weights are not archived" in line for line in lines)
+  teacher = {r.name: r for r in runs}["teacher-all"]
+  assert study_lib.state(teacher, third) == "failed"  # trained again (here: `false`)
+  assert any("all-from_base-seed1: skipped, its teacher teacher-all is failed" in line
+             for line in lines)
+  assert study_lib.state({r.name: r for r in runs}["all-from_base-seed0"], third) == "finished"
+
+
 def _study_argv(*args):
   return [sys.executable, "-m", "kd_jax.study", "--study", "study.py", "--workdir", "w",
           "--poll", "1", *args]
@@ -280,7 +331,7 @@ def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
   dry = _study(tmp_path, "--dry-run")
   assert dry.stdout.count("kd_jax.main") == 1 and "seed0-L2" in dry.stdout
 
-  third = _study(tmp_path)
+  third = _study(tmp_path, "--archive", "arch")
   assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
   attempts = {r["name"]: json.loads((root / "runs" / r["name"] / "study_run.json").read_text()
                                     )["attempts"] for r in manifest["runs"]}
@@ -311,3 +362,10 @@ def test_tiny_grid_shares_stop_resume_and_report(tmp_path, synthetic_model_dir,
   assert zero_shot["languages"]["english"]["L2"] == again["per_language"]["english"][
       "macro_f1"]
   assert (root / "eval_en.png").is_file() and "eval_en.png" in (root / "report.md").read_text()
+  # Another machine, from the archive alone (no weights): the same report.
+  assert (tmp_path / "arch/report.md").is_file() and (tmp_path / "arch/loss.png").is_file()
+  os.rename(root, tmp_path / "w_first")
+  again = _study(tmp_path, "--report", "--archive", "arch")
+  assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+  assert json.loads((root / "results.json").read_text())["cells"] == results["cells"]
+  assert not list(root.glob("runs/*/*/checkpoints"))
