@@ -84,7 +84,7 @@ class BatchStream:
       yield batch
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # ndarray fields: compared by identity
 class CompactEmbedding:
   """The word-embedding rows that a stage's training batches touch
   (`config.compact_embeddings`, `compact_embedding`).

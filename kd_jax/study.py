@@ -474,9 +474,10 @@ def run_identity(argv: Sequence[str], teacher: str | None = None) -> str:
 
 
 def finished_runs(workdirs: Sequence[str | os.PathLike]) -> dict[str, epath.Path]:
-  """{run_identity: run dir} of the finished runs (not themselves links) recorded in
-  the `manifest.json` of each study workdir or archive in `workdirs` (an archived run:
-  the identity its record stores); dirs without one are skipped."""
+  """{run_identity: run dir (links resolved)} of the finished runs recorded in the
+  `manifest.json` of each study workdir or archive in `workdirs`: the identity the run's
+  record stores (written when it ran), else computed from its command now; dirs without
+  a manifest are skipped."""
   out: dict[str, epath.Path] = {}
   for directory in workdirs:
     manifest = epath.Path(directory) / MANIFEST
@@ -488,10 +489,10 @@ def finished_runs(workdirs: Sequence[str | os.PathLike]) -> dict[str, epath.Path
 
     def identity(entry):
       record = epath.Path(entry["workdir"]) / RUN_RECORD
-      if not record.exists() or os.path.islink(entry["workdir"]):
+      if not record.exists():
         return None
       record = json.loads(record.read_text())
-      if record.get("identity"):  # archived: the config file may be elsewhere now
+      if record.get("identity"):  # as it ran: the config file may have changed since
         return record["identity"]
       command = record.get("command")
       teacher = None
@@ -506,8 +507,8 @@ def finished_runs(workdirs: Sequence[str | os.PathLike]) -> dict[str, epath.Path
       if not (epath.Path(entry["workdir"]) / stage / "test.json").exists():
         continue
       key = identity(entry)
-      if key is not None:
-        out.setdefault(key, epath.Path(entry["workdir"]))
+      if key is not None:  # a link (reused itself): where it points
+        out.setdefault(key, epath.Path(os.path.realpath(entry["workdir"])))
   return out
 
 
@@ -567,7 +568,7 @@ def archive_runs(study: Study, runs: Sequence[Run], root: epath.Path, archive: e
                  identities: Mapping[str, str]) -> int:
   """Copies every finished run of `runs` under `root` into `archive/runs/<name>` (its
   small files, `_archived_files`; a file whose size and time match is not copied again),
-  its record with `identities[name]` added, and lists it in `archive/manifest.json`
+  its record with its identity (`identities[name]` if it has none), and lists it in `archive/manifest.json`
   (workdirs relative to the archive; entries of other runs kept). Returns the number of
   files copied."""
   manifest_file = archive / MANIFEST
@@ -582,7 +583,8 @@ def archive_runs(study: Study, runs: Sequence[Run], root: epath.Path, archive: e
     for rel, src in _archived_files(run.workdir(root)):
       dst = target / rel
       if rel == RUN_RECORD:
-        record = dict(json.loads(epath.Path(src).read_text()), identity=identities[run.name])
+        record = json.loads(epath.Path(src).read_text())
+        record.setdefault("identity", identities[run.name])
         text = json.dumps(record, indent=2) + "\n"
         if not dst.exists() or dst.read_text() != text:
           dst.parent.mkdir(parents=True, exist_ok=True)
@@ -618,7 +620,8 @@ def restore_runs(runs: Sequence[Run], root: epath.Path, archived: Mapping[str, e
   restored = []
   for run in runs:
     found = archived.get(identities.get(run.name))
-    if found is None or run.workdir(root).exists() or identities[run.name] in (linked or {}):
+    if (found is None or os.path.lexists(run.workdir(root))
+        or identities[run.name] in (linked or {})):
       continue
     out(f"# {run.name}: restore {found}" if dry_run else
         f"[study] {run.name}: restored from the archive {found}")
@@ -670,15 +673,17 @@ def _spawn(argv: list[str], log_file: epath.Path, stop: _Stop, env) -> int:
   return rc
 
 
-def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env) -> int:
+def _execute(run: Run, argv: list[str], root: epath.Path, stop: _Stop, env,
+             identity: str) -> int:
   """Runs one kd_jax.main process; its output goes to <run>/study.log; records the
-  command, exit code and accumulated wall time in <run>/study_run.json."""
+  command, its `run_identity`, exit code and accumulated wall time in
+  <run>/study_run.json."""
   workdir = run.workdir(root)
   workdir.mkdir(parents=True, exist_ok=True)
   record = read_record(run, root)
   start = time.time()
   rc = _spawn(argv, workdir / "study.log", stop, env)
-  record.update(command=shlex.join(argv), returncode=rc,
+  record.update(command=shlex.join(argv), identity=identity, returncode=rc,
                 wall_s=record.get("wall_s", 0.0) + time.time() - start,
                 attempts=record.get("attempts", 0) + 1)
   paths.write_text_atomic(workdir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
@@ -711,7 +716,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
                             [paths.resolve(d) for d in reuse if paths.resolve(d) != root])
   archive = paths.resolve(archive) if archive else None
   archived = finished_runs([archive]) if archive else {}
-  identities = (_identities(runs, study, root, extra) if elsewhere or archive else {})
+  identities = _identities(runs, study, root, extra)
   restored = restore_runs(mine, root, archived, identities, out=out, dry_run=dry_run,
                           linked=elsewhere)
 
@@ -721,7 +726,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
 
   def reusable(run):
     found = elsewhere.get(identities.get(run.name))
-    return found if found is not None and not run.workdir(root).exists() else None
+    return found if found is not None and not os.path.lexists(run.workdir(root)) else None
 
   if dry_run:
     for run in mine:
@@ -747,6 +752,10 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
         archived_avg, current = _retrain_teacher(run, root, out), "pending"
       if current == "finished":
         continue
+      if os.path.islink(run.workdir(root)) and not run.workdir(root).exists():
+        out(f"[study] {run.name}: its link to {os.readlink(run.workdir(root))} is broken: "
+            "removed, the run trains here")
+        os.unlink(run.workdir(root))
       found = reusable(run)
       if found is not None:  # the same run, finished by another study
         run.workdir(root).parent.mkdir(parents=True, exist_ok=True)
@@ -771,7 +780,7 @@ def run_study(study: Study, workdir: str | os.PathLike, *, index: int = 0, count
           continue
       argv = command(run, study, root, python=python, extra=extra)
       out(f"[study] {run.name} ({current}): {shlex.join(argv)}")
-      rc = _execute(run, argv, root, stop, env)
+      rc = _execute(run, argv, root, stop, env, identities[run.name])
       out(f"[study] {run.name}: {state(run, root)} (exit {rc}, "
           f"{read_record(run, root)['wall_s']:.0f} s)")
       if archived_avg is not None and state(run, root) == "finished":

@@ -242,6 +242,38 @@ def get_study():
 '''
 
 
+def test_a_run_is_reused_by_the_config_it_ran_with(tmp_path):
+  """The runner records each run's identity when it runs; a config file edited since
+  then no longer matches it, so the run is not reused for the edited one."""
+  (tmp_path / "base.py").write_text("from kd_jax.config_base import base_config\n\n"
+                                    "def get_config():\n  return base_config()\n")
+  study = write_study(tmp_path, config=str(tmp_path / "base.py"))
+  first = epath.Path(tmp_path / "studies/a")
+  study_lib.run_study(study, first, python="true", out=lambda s: None, reuse=(),
+                      only={"data": ["all"], "init": ["from_teacher"], "seed": ["seed0"]})
+  teacher = study_lib.expand(study)[0]
+  record = study_lib.read_record(teacher, first)
+  assert record["returncode"] == 0 and record["identity"] == study_lib.run_identity(
+      study_lib.command(teacher, study, first))
+  _fake_result(teacher.result_file(first), {"english": 50.0})
+  study_lib.write_manifest(study, study_lib.expand(study), first)
+  second = epath.Path(tmp_path / "studies/b")
+  assert study_lib.run_study(study, second, python="true", out=lambda s: None, dry_run=True,
+                             only={"data": ["all"]}) == 0
+  lines = []
+  study_lib.run_study(study, second, python="false", out=lines.append,
+                      only={"data": ["all"], "init": ["from_teacher"], "seed": ["seed0"]})
+  assert os.path.islink(teacher.workdir(second))  # same config: linked
+  with open(tmp_path / "base.py", "a") as f:
+    f.write("# edited: another config now\n")
+  study_lib._config_defaults.cache_clear()
+  third = epath.Path(tmp_path / "studies/c")
+  study_lib.run_study(study, third, python="false", out=lines.append,
+                      only={"data": ["all"], "init": ["from_teacher"], "seed": ["seed0"]})
+  assert not os.path.islink(teacher.workdir(third))
+  assert study_lib.state(teacher, third) == "failed"  # trained here (`false`)
+
+
 def test_archive_restores_finished_runs_elsewhere_and_retrains_a_needed_teacher(tmp_path):
   """Finished runs archived from one workdir are restored (copied, without checkpoints)
   into a new one, where nothing of them runs again; an archived teacher (no weights)
