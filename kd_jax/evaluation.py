@@ -524,9 +524,8 @@ class ClassificationEvaluator:
     for batch in _eval_batches(self.data, *self.batch_args, interrupt):
       index = batch.pop("example_index")
       if self.unpad_multiple is not None:
-        mask = batch["attention_mask"]
-        multiple = self.unpad_multiple or unpad.default_multiple(mask.size // groups)
-        batch["token_index"] = unpad.token_index(mask, groups, multiple)
+        batch["token_index"] = unpad.token_index(batch["attention_mask"], groups,
+                                                 self.unpad_multiple)
       pred = np.asarray(self.predict(params, sharding.shard_global_batch(batch, self.mesh)))
       for row in np.flatnonzero(index >= 0):
         i = index[row]

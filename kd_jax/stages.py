@@ -348,9 +348,8 @@ def unpad_transforms(config: ml_collections.ConfigDict, mesh) -> tuple[Callable,
 
   def add_token_index(batch, step):
     del step
-    mask = batch["attention_mask"]
-    multiple = config.unpad_multiple or unpad.default_multiple(mask.size // groups)
-    return {"token_index": unpad.token_index(mask, groups, multiple)}
+    return {"token_index": unpad.token_index(batch["attention_mask"], groups,
+                                             config.unpad_multiple)}
   return (add_token_index,)
 
 

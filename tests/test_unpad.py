@@ -35,14 +35,18 @@ def test_token_index_positions_groups_and_budget():
     unpad.token_index(np.ones(4))
   with pytest.raises(ValueError, match="batch 4 is not divisible by groups=3"):
     unpad.token_index(mask, groups=3)
-  with pytest.raises(ValueError, match="multiple=0"):
-    unpad.token_index(mask, multiple=0)
+  with pytest.raises(ValueError, match="multiple=-1"):
+    unpad.token_index(mask, multiple=-1)
   # default rounding: a sixteenth of the positions, so at most 16 budgets per shape
   assert [unpad.default_multiple(p) for p in (4096, 17, 8)] == [256, 2, 1]
   lengths = np.random.default_rng(0).integers(1, 129, size=(200, 32))
   budgets = {unpad.token_index(np.arange(128) < n[:, None], 1, unpad.default_multiple(4096))
              .shape[1] for n in lengths}
   assert budgets <= set(range(256, 4097, 256))  # the 16 multiples of 256
+  # multiple=0 means that default: 32 x 128 = 4096 positions -> multiples of 256
+  mask = np.arange(128) < lengths[0][:, None]
+  np.testing.assert_array_equal(unpad.token_index(mask, 1, 0),
+                                unpad.token_index(mask, 1, 256))
 
 
 def test_layout_gathers_and_their_gradients_against_numpy():

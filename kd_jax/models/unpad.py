@@ -37,11 +37,12 @@ def token_index(attention_mask: np.ndarray, groups: int = 1, multiple: int = 1) 
   attention_mask: [B, T] (nonzero = real token), B divisible by `groups`.
   groups: G, the batch's data-parallel shards (1 on one device).
   multiple: the budget N is the largest group's real-token count rounded up to a
-    multiple of this (at most B/G·T): fewer distinct N, fewer compilations.
+    multiple of this (at most B/G·T): fewer distinct N, fewer compilations; 0:
+    `default_multiple` of a group's B/G·T positions.
   Returns int32 [G, N]: entry [g, j] is the j-th real token of group g as an index
     into the group's flattened [B/G·T] positions (row-major, example then token),
     ascending; unused slots hold B/G·T (out of range: a zero row).
-  Raises ValueError for a mask that is not 2-D, B not divisible by G, or multiple < 1.
+  Raises ValueError for a mask that is not 2-D, B not divisible by G, or multiple < 0.
   """
   mask = np.asarray(attention_mask)
   if mask.ndim != 2:
@@ -49,10 +50,11 @@ def token_index(attention_mask: np.ndarray, groups: int = 1, multiple: int = 1) 
   b, t = mask.shape
   if groups < 1 or b % groups:
     raise ValueError(f"token_index: batch {b} is not divisible by groups={groups}")
-  if multiple < 1:
-    raise ValueError(f"token_index: multiple={multiple} must be >= 1")
+  if multiple < 0:
+    raise ValueError(f"token_index: multiple={multiple} must be >= 0")
   per_group = mask.reshape(groups, -1) != 0  # [G, P]
   p = per_group.shape[1]
+  multiple = multiple or default_multiple(p)
   budget = token_budget(int(per_group.sum(1).max()), p, multiple)
   out = np.full((groups, budget), p, np.int32)
   for g in range(groups):
