@@ -118,7 +118,7 @@ def make_batch(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
   ids = rng.integers(2, sizes.vocab, size=(b, t))
   if _compact(sizes):  # the ids of a corpus that uses `rows` of them
     ids = _row_ids(sizes)[ids % sizes.rows]
-  ids = ids.astype(np.int32) * mask + PAD_ID * (1 - mask)
+  ids = ids * mask + PAD_ID * (1 - mask)
   return {"input_ids": ids.astype(np.int32), "attention_mask": mask,
           "labels": rng.integers(0, NUM_LABELS, size=b).astype(np.int32),
           "example_mask": np.ones(b, np.float32)}
@@ -345,7 +345,7 @@ def setup_torch(sizes: Sizes, batch_np: dict, *, seed: int = 0,
 
 
 # ---------------------------------------------------------------------------
-# FLOPs (GPU only)
+# FLOPs and the machine's limit
 # ---------------------------------------------------------------------------
 def step_flops(sizes: Sizes, tokens: int | None = None) -> float:
   """Model FLOPs of one KD step on `tokens` tokens (default the padded B*T):

@@ -15,7 +15,7 @@ evaluation runs) and through transformers' PyTorch model loaded from the directo
 Inputs are real tsm test tweets of all 8 languages (e5's tokenizer, at most 128 tokens),
 in data order. Batch 32: examples/s over the whole batches of the set, each padded to its longest
 example (PyTorch, as HF's dynamic padding) or to the smallest bucket of 32/64/128 holding
-it (kd_jax: one compilation per bucket, compiled before timing). Batch 1: median latency
+it (kd_jax: the shapes the timed loops meet are compiled before timing). Batch 1: median latency
 over the first 64 examples. Weights are random (speed does not depend on them); the
 teacher's are e5-small's. This is a measuring tool, not a test.
 """

@@ -459,7 +459,6 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
   only the embedding rows of the training data (`compact_embedding`)."""
   tc = config[section].train
   num_steps, spe = _schedule(section, tc, data["train"], config.data.buckets)
-  _, eval_model = _modules(config, model_cfg, _dropout(config))
   train_cfg, embedding, lookup = model_cfg, None, student_ids
   if config.compact_embeddings:
     used = np.unique(np.concatenate(data["train"].input_ids))
@@ -474,6 +473,7 @@ def _classification(name: str, config, workdir, mesh, *, section: str, tokenizer
   transforms = () if lookup is None else (
       lambda batch, step: {"student_input_ids": lookup[batch["input_ids"]]},)
   student, _ = _modules(config, train_cfg, _dropout(config))
+  _, eval_model = _modules(config, model_cfg, {})  # evaluation reads the full table
   kwargs = dict(batch_size=tc.eval_batch_size, buckets=config.data.buckets,
                 pad_id=model_cfg.pad_token_id, mesh=mesh, label_names=task.label_names,
                 label_kind=task.label_kind, seen_languages=task.seen_languages or None,

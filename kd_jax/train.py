@@ -109,7 +109,9 @@ def apply_model(model: Encoder, params, batch: Mapping[str, jax.Array], **kwargs
   """`model` on `batch` (input_ids, attention_mask, optional token_type_ids [B, L]): the
   batch's `token_index` (unpadded execution, kd_jax.models.unpad) and, for a model with
   the MLM head, its `masked_positions` are passed on; `kwargs` go to `Encoder.__call__`
-  (deterministic, rngs, the intermediates to return)."""
+  (deterministic, rngs, the intermediates to return). Returns the `EncoderOutput`:
+  logits float [B, C] (sequence head), [B, L, C] (token head) or [B, P, V] (MLM head at
+  P masked positions), and what `kwargs` asked for."""
   if "masked_positions" in batch and model.config.head == "mlm":
     kwargs["masked_positions"] = batch["masked_positions"]
   if "token_index" in batch:
@@ -133,8 +135,9 @@ def full_params(plan: stages.StagePlan, schedule, weight_decay: float, mesh):
   checkpoint take): `state.params["model"]` itself, or with a CompactEmbedding the
   full word-embedding table: the initial rows × Π_{k<n} (1 − schedule(k) · weight_decay)
   for the n updates applied so far (AdamW's decoupled decay of rows whose gradient was
-  always 0; `_decay_mask` decays embeddings), the trained rows scattered in. Placed
-  with `sharding.param_shardings` of the full tree."""
+  always 0; `_decay_mask` decays embeddings), the trained rows scattered in: float32
+  [V, H]. Placed with `sharding.param_shardings` of the full tree. `fn` reads the step
+  counters to the host (blocks on the step in flight)."""
   if plan.embedding is None:
     return lambda state: state.params["model"]
   rows, table = plan.embedding.rows, plan.embedding.table
