@@ -35,8 +35,9 @@ after compilation (JAX, reported separately) and warmup, each step synchronised
 The teacher-forward line times each framework's teacher as its step runs it: kd_jax
 materialises attention scores only for the teacher layers the loss reads (the layer
 map's), transformers returns every layer's (it has no per-layer choice).
-Both frameworks run in one process and so share its malloc (the header prints
-LD_PRELOAD and GLIBC_TUNABLES): see the README's CPU notes on tcmalloc.
+Both frameworks run in one process and so share its allocator: mimalloc, which
+`kd_jax.allocator` preloads as for training (`KD_JAX_ALLOCATOR=system` for glibc's
+malloc); the header says which. See the README's CPU notes on host memory.
 This is a measuring tool, not a test.
 """
 
@@ -47,6 +48,11 @@ import dataclasses
 import os
 import time
 from typing import Any, Callable
+
+from kd_jax import allocator
+
+if __name__ == "__main__":  # CPU: mimalloc, before JAX or PyTorch allocate
+  allocator.reexec("kd_jax.benchmark")
 
 import jax
 import jax.numpy as jnp
@@ -525,8 +531,9 @@ def main(argv=None) -> dict:
   threads = a.threads or os.cpu_count()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}"
-        f"; scan_layers {a.scan_layers}; LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+        f"; scan_layers {a.scan_layers}; allocator: {allocator.describe()}"
+        + (f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r}"
+           if os.environ.get("GLIBC_TUNABLES") else ""))
   results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
                           frameworks=tuple(a.frameworks.split(",")),
                           torch_attention=a.torch_attention, seed=a.seed,

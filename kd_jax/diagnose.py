@@ -136,5 +136,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from kd_jax import allocator
+  allocator.reexec("kd_jax.diagnose")  # CPU: mimalloc, before anything allocates
   _define_flags()
   app.run(main)

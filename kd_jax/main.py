@@ -90,4 +90,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from kd_jax import allocator
+  allocator.reexec("kd_jax.main")  # CPU: mimalloc, before anything allocates
   app.run(main, flags_parser=parse_flags)
