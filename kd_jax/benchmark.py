@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import losses, sharding, stages
-from kd_jax.config_base import train_config
+from kd_jax.config_base import PRECISIONS, train_config
 from kd_jax.models import unpad as unpad_lib
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
 from kd_jax.train import TrainState, make_optimizer, make_train_step
@@ -153,12 +153,15 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
 
 
 def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
-              scan_layers: bool = False, unpad: bool = False) -> "Runner":
+              scan_layers: bool = False, unpad: bool = False,
+              precision: str = "fp32") -> "Runner":
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
   both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
   batch carries a `token_index` (budget rounded up as `config.unpad_multiple` 0 does
-  in training: to a sixteenth of the batch's positions)."""
+  in training: to a sixteenth of the batch's positions). `precision`: the encoders'
+  compute dtype (config.precision; parameters and optimizer stay float32)."""
+  dtype = PRECISIONS[precision]
   if unpad:
     mask = batch_np["attention_mask"]
     batch_np = dict(batch_np, token_index=unpad_lib.token_index(
@@ -179,8 +182,8 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                         opt_state=tx.init(trainable)), mesh)
   t_params = sharding.replicate(t_params, mesh)
-  teacher = Encoder(tcfg, scan_layers=scan_layers)
-  student = Encoder(student_cfg, scan_layers=scan_layers)
+  teacher = Encoder(tcfg.replace(dtype=dtype), scan_layers=scan_layers)
+  student = Encoder(student_cfg.replace(dtype=dtype), scan_layers=scan_layers)
   lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
   step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
                             prediction_loss="mse", temperature=1.0, mesh=mesh)
@@ -285,11 +288,12 @@ def torch_loss(s_out, t_out, mask, labels, lmap):
 
 
 def setup_torch(sizes: Sizes, batch_np: dict, *, seed: int = 0,
-                attention: str = "scores") -> Runner:
+                attention: str = "scores", precision: str = "fp32") -> Runner:
   """The equivalent PyTorch KD step (and the teacher forward under no_grad).
 
   attention: "scores" (pre-softmax, as kd_jax; needs AttentionInterface) or "probs"
-  (HF's eager attention probabilities, post-dropout in the student)."""
+  (HF's eager attention probabilities, post-dropout in the student). precision "bf16":
+  the forwards under `torch.autocast("cpu", torch.bfloat16)`, the loss in float32."""
   import torch
   from transformers import BertConfig, BertForSequenceClassification
 
@@ -327,13 +331,16 @@ def setup_torch(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True,
             output_attentions=True)
 
+  autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+
   def teacher_forward():
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       return teacher(**kw)
 
   def one_step():
     t_out = teacher_forward()
-    s_out = student(**kw)
+    with autocast():
+      s_out = student(**kw)
     loss = torch_loss(s_out, t_out, mask, labels, lmap)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -379,12 +386,13 @@ def mfu(sizes: Sizes, step_s: float, peak_flops: float | None = None) -> tuple[f
   return achieved, achieved / peak_flops
 
 
-def matmul_flops_per_s(m: int = 4096, k: int = 384, n: int = 1536, repeats: int = 10) -> float:
-  """This machine's float32 rate on one jitted [m, k] x [k, n] matmul (the student's FFN
-  shape at 32 x 128 tokens): FLOP/s of the median of `repeats` timed calls. The
-  attainable limit the step's achieved rate is compared with."""
-  a = jnp.ones((m, k), jnp.float32)
-  b = jnp.ones((k, n), jnp.float32)
+def matmul_flops_per_s(m: int = 4096, k: int = 384, n: int = 1536, repeats: int = 10,
+                       precision: str = "fp32") -> float:
+  """This machine's rate on one jitted [m, k] x [k, n] matmul (the student's FFN shape at
+  32 x 128 tokens) in `precision` ("fp32" or "bf16"): FLOP/s of the median of `repeats`
+  timed calls. The attainable limit the step's achieved rate is compared with."""
+  a = jnp.ones((m, k), PRECISIONS[precision])
+  b = jnp.ones((k, n), PRECISIONS[precision])
   f = jax.jit(jnp.matmul)
   jax.block_until_ready(f(a, b))
   times = []
@@ -399,7 +407,8 @@ def limit_lines(results: dict, sizes: Sizes, batch_np: dict, matmul: float) -> l
   """Per framework: model FLOPs per step (padded, or real tokens for kd_jax_unpadded,
   which computes only those), achieved GFLOP/s and its share of `matmul` FLOP/s."""
   real = int(np.sum(batch_np["attention_mask"]))
-  lines = [f"single matmul [4096,384]x[384,1536]: {matmul / 1e9:.1f} GFLOP/s (the limit)"]
+  lines = [f"single matmul [4096,384]x[384,1536] at the step's precision: "
+           f"{matmul / 1e9:.1f} GFLOP/s (the limit)"]
   for key, r in results.items():
     if not isinstance(r, Result):
       continue
@@ -419,7 +428,7 @@ FRAMEWORKS = ("kd_jax", "kd_jax_unpadded", "pytorch")
 
 def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int | None = None,
                   frameworks=FRAMEWORKS, torch_attention: str = "scores",
-                  seed: int = 0, scan_layers: bool = False) -> dict:
+                  seed: int = 0, scan_layers: bool = False, precision: str = "fp32") -> dict:
   """Runs the benchmark; returns {framework: Result} for each of `frameworks` (a subset
   of FRAMEWORKS) and, when PyTorch ran, "ratio" (kd_jax examples/s ÷ PyTorch's) and
   "ratio_unpadded" (kd_jax_unpadded's), for those that ran.
@@ -428,7 +437,8 @@ def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int
   After `warmup` untimed steps each, the frameworks' steps alternate one by one for
   `steps` rounds (then their teacher forwards likewise), and each reports its median:
   load from elsewhere on a shared machine then hits both alike, and the ratio holds
-  where the absolute times drift."""
+  where the absolute times drift. `precision`: "fp32" or "bf16" compute in both
+  frameworks (`setup_jax`, `setup_torch`)."""
   unknown = sorted(set(frameworks) - set(FRAMEWORKS))
   if unknown:
     raise ValueError(f"unknown frameworks {unknown}; choose from {FRAMEWORKS}")
@@ -440,9 +450,10 @@ def run_benchmark(sizes: Sizes, *, steps: int = 5, warmup: int = 2, threads: int
   for name, unpad in (("kd_jax", False), ("kd_jax_unpadded", True)):
     if name in frameworks:
       runners.append(setup_jax(sizes, batch_np, seed=seed, scan_layers=scan_layers,
-                               unpad=unpad))
+                               unpad=unpad, precision=precision))
   if "pytorch" in frameworks:
-    runners.append(setup_torch(sizes, batch_np, seed=seed, attention=torch_attention))
+    runners.append(setup_torch(sizes, batch_np, seed=seed, attention=torch_attention,
+                               precision=precision))
   for runner in runners:
     for _ in range(warmup):
       runner.step()
@@ -514,6 +525,9 @@ def main(argv=None) -> dict:
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="GPU peak for MFU (default: dense TF32 peak by device kind)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                 help="compute dtype of both frameworks' forwards (config.precision; "
+                      "PyTorch: CPU autocast)")
   p.add_argument("--scan_layers", action="store_true",
                  help="kd_jax encoders run their layers as one lax.scan (less compile time)")
   p.add_argument("--inference", action="store_true",
@@ -531,17 +545,18 @@ def main(argv=None) -> dict:
   threads = a.threads or os.cpu_count()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPU cores, torch threads {threads}; steps {a.steps}, warmup {a.warmup}"
-        f"; scan_layers {a.scan_layers}; allocator: {allocator.describe()}"
+        f"; scan_layers {a.scan_layers}; precision {a.precision}; "
+        f"allocator: {allocator.describe()}"
         + (f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r}"
            if os.environ.get("GLIBC_TUNABLES") else ""))
   results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
                           frameworks=tuple(a.frameworks.split(",")),
                           torch_attention=a.torch_attention, seed=a.seed,
-                          scan_layers=a.scan_layers)
+                          scan_layers=a.scan_layers, precision=a.precision)
   print(format_table(results, sizes))
   if jax.default_backend() == "cpu":
     print("\n".join(limit_lines(results, sizes, make_batch(sizes, a.seed),
-                                 matmul_flops_per_s())))
+                                 matmul_flops_per_s(precision=a.precision))))
   torch_r = results.get("pytorch")
   if torch_r is not None:
     print("PyTorch attention loss on " + (
