@@ -62,7 +62,8 @@ from kd_jax import losses, sharding, stages
 from kd_jax.config_base import PRECISIONS, train_config
 from kd_jax.models import unpad as unpad_lib
 from kd_jax.models.encoder import Encoder, EncoderConfig, init_params
-from kd_jax.train import TrainState, make_optimizer, make_train_step
+from kd_jax.train import (TrainState, make_cohort_train_step, make_optimizer, make_train_step,
+                          stack_states)
 
 WEIGHTS = {"att": 1.0, "hid": 1.0, "embd": 1.0, "pred": 1.0, "clf": 1.0}
 NUM_LABELS = 3
@@ -154,13 +155,15 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
 
 def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
               scan_layers: bool = False, unpad: bool = False,
-              precision: str = "fp32") -> "Runner":
+              precision: str = "fp32", students: int = 0) -> "Runner":
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
   both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
   batch carries a `token_index` (budget rounded up as `config.unpad_multiple` 0 does
   in training: to a sixteenth of the batch's positions). `precision`: the encoders'
-  compute dtype (config.precision; parameters and optimizer stay float32)."""
+  compute dtype (config.precision; parameters and optimizer stay float32). `students`
+  N > 0: the runner's step is one `make_cohort_train_step` step of N students (one
+  teacher forward), their loss the first student's."""
   dtype = PRECISIONS[precision]
   if unpad:
     mask = batch_np["attention_mask"]
@@ -185,10 +188,17 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   teacher = Encoder(tcfg.replace(dtype=dtype), scan_layers=scan_layers)
   student = Encoder(student_cfg.replace(dtype=dtype), scan_layers=scan_layers)
   lmap = layer_map(sizes.teacher_layers, sizes.student_layers)
-  step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
-                            prediction_loss="mse", temperature=1.0, mesh=mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   rng = jax.random.PRNGKey(seed + 1)
+  if students:  # the cohort step over `students` copies of the state, own dropout keys
+    step_fn = make_cohort_train_step(student, (teacher,), tx, weights=[WEIGHTS] * students,
+                                     layer_map=lmap, prediction_loss="mse",
+                                     temperature=1.0, mesh=mesh)
+    state = stack_states([state] * students)
+    rng = jax.random.split(rng, students)
+  else:
+    step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
+                              prediction_loss="mse", temperature=1.0, mesh=mesh)
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, (t_params,), batch, rng).compile()
@@ -209,9 +219,35 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
                          token_index=token_index, **teacher_kwargs)
 
   ids, mask, index = batch["input_ids"], batch["attention_mask"], batch.get("token_index")
-  return Runner("kd_jax_unpadded" if unpad else "kd_jax", one_step,
+  name = ("kd_jax_unpadded" if unpad else "kd_jax") + (f" x{students} cohort" if students
+                                                       else "")
+  return Runner(name, one_step,
                 lambda: jax.block_until_ready(teacher_forward(t_params, ids, mask, index)),
-                lambda: float(box["metrics"]["loss"]), compile_s)
+                lambda: float(np.ravel(box["metrics"]["loss"])[0]), compile_s)
+
+
+def run_cohort(sizes: Sizes, students: int = 6, *, steps: int = 5, warmup: int = 1,
+               seed: int = 0, unpad: bool = True, precision: str = "fp32") -> dict:
+  """Many students per teacher pass: one cohort step of `students` KD students
+  (`train.make_cohort_train_step`) against `students` steps of one student
+  (`make_train_step`, what training them one by one costs), alternating for `steps`
+  rounds after `warmup`. Returns {"students", "cohort_s", "sequential_s" (students ×
+  the median single step), "speedup" (sequential_s / cohort_s: the examples/s ratio),
+  "compile_s", "single_compile_s"}."""
+  batch_np = make_batch(sizes, seed)
+  single = setup_jax(sizes, batch_np, seed=seed, unpad=unpad, precision=precision)
+  cohort = setup_jax(sizes, batch_np, seed=seed, unpad=unpad, precision=precision,
+                     students=students)
+  for _ in range(warmup):
+    single.step()
+    cohort.step()
+  single_s, cohort_s = _interleaved([single.step, cohort.step], steps)
+  sequential = students * float(np.median(single_s))
+  out = {"students": students, "cohort_s": float(np.median(cohort_s)),
+         "sequential_s": sequential, "compile_s": cohort.compile_s,
+         "single_compile_s": single.compile_s}
+  out["speedup"] = sequential / out["cohort_s"]
+  return out
 
 
 @dataclasses.dataclass
@@ -530,6 +566,9 @@ def main(argv=None) -> dict:
                       "PyTorch: CPU autocast)")
   p.add_argument("--scan_layers", action="store_true",
                  help="kd_jax encoders run their layers as one lax.scan (less compile time)")
+  p.add_argument("--students", type=int, default=0,
+                 help="N > 0: time one cohort step of N students (one teacher pass) "
+                      "against N single-student steps instead (unpadded)")
   p.add_argument("--inference", action="store_true",
                  help="forward throughput of teacher and students instead "
                       "(kd_jax.benchmark_inference): kd_jax and exported PyTorch models")
@@ -549,6 +588,14 @@ def main(argv=None) -> dict:
         f"allocator: {allocator.describe()}"
         + (f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r}"
            if os.environ.get("GLIBC_TUNABLES") else ""))
+  if a.students:
+    r = run_cohort(sizes, a.students, steps=a.steps, warmup=a.warmup, seed=a.seed,
+                   precision=a.precision)
+    print(f"| students | cohort step s | {a.students} single steps s | speed-up | compile s "
+          f"(cohort / single) |\n|---:|---:|---:|---:|---:|\n| {a.students} | "
+          f"{r['cohort_s']:.3f} | {r['sequential_s']:.3f} | {r['speedup']:.2f}x | "
+          f"{r['compile_s']:.1f} / {r['single_compile_s']:.1f} |")
+    return r
   results = run_benchmark(sizes, steps=a.steps, warmup=a.warmup, threads=threads,
                           frameworks=tuple(a.frameworks.split(",")),
                           torch_attention=a.torch_attention, seed=a.seed,

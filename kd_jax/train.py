@@ -178,6 +178,57 @@ def full_params(plan: stages.StagePlan, schedule, weight_decay: float, mesh):
   return fn
 
 
+def _teacher_forward(teachers: Sequence[Encoder], teacher_params, batch,
+                     teacher_outputs: Mapping[str, Any]):
+  """The frozen teachers' output on `batch` (no gradient; with several, the mean of
+  their logits and no intermediates); None without teachers."""
+  if not teachers:
+    return None
+  if len(teachers) == 1:
+    out = apply_model(teachers[0], teacher_params[0], batch, deterministic=True,
+                      **teacher_outputs)
+  else:
+    outs = [apply_model(t, p, batch, deterministic=True, **teacher_outputs)
+            for t, p in zip(teachers, teacher_params)]
+    out = type(outs[0])(logits=losses.mean_teacher_logits([o.logits for o in outs]),
+                        last_hidden_state=None)
+  return jax.lax.stop_gradient(out)
+
+
+def _student_update(student: Encoder, tx, state: TrainState, teacher_out, batch, rng, *,
+                    weights, layer_map, prediction_loss, temperature, alpha,
+                    student_outputs) -> tuple[TrainState, dict]:
+  """One student's forward with dropout keyed by fold_in(rng, step), the gradient of
+  its objective over its parameters and projections, and the optax update: the part of
+  a train step each student does for itself (`make_train_step`,
+  `make_cohort_train_step`). `weights` may hold traced scalars."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  student_batch = student_view(batch)
+
+  def loss_fn(params):
+    student_out = apply_model(student, params["model"], student_batch, deterministic=False,
+                              rngs={"dropout": dropout_rng}, **student_outputs)
+    return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
+                                    layer_map=layer_map, prediction_loss=prediction_loss,
+                                    temperature=temperature, projections=params["proj"],
+                                    alpha=alpha)
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  terms["grad_norm"] = optax.tree.norm(grads)
+  # Per-term finiteness in the step: the loop fetches one scalar to decide.
+  terms["nonfinite_terms"] = sum(jnp.logical_not(jnp.isfinite(v)).astype(jnp.float32)
+                                 for v in terms.values())
+  skipping = isinstance(state.opt_state, optax.ApplyIfFiniteState)
+  if skipping:  # apply_if_finite reads the gradients only: also skip a non-finite loss
+    finite = terms["nonfinite_terms"] == 0
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if skipping:
+    terms["skipped_steps"] = opt_state.total_notfinite.astype(jnp.float32)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), terms
+
+
 def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                     weights: Mapping[str, float], layer_map: tuple[int | None, ...],
                     prediction_loss: str, temperature: float, mesh, alpha: float = -1.0,
@@ -206,49 +257,16 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
   """
   weights = dict(weights)
   teachers = tuple(teachers)
-  kd = bool(teachers)
   student_outputs, teacher_outputs = losses.outputs_needed(
       weights, layer_map, student.config.num_layers,
       teachers[0].config.num_layers if teachers else 0)
+  objective = dict(weights=weights, layer_map=layer_map, prediction_loss=prediction_loss,
+                   temperature=temperature, alpha=alpha)
 
   def train_step(state: TrainState, teacher_params, batch, rng):
-    teacher_out = None
-    if len(teachers) == 1:
-      teacher_out = apply_model(teachers[0], teacher_params[0], batch, deterministic=True,
-                                **teacher_outputs)
-    elif teachers:
-      outs = [apply_model(t, p, batch, deterministic=True, **teacher_outputs)
-              for t, p in zip(teachers, teacher_params)]
-      teacher_out = type(outs[0])(logits=losses.mean_teacher_logits([o.logits for o in outs]),
-                                  last_hidden_state=None)
-    if kd:
-      teacher_out = jax.lax.stop_gradient(teacher_out)
-    dropout_rng = jax.random.fold_in(rng, state.step)
-
-    student_batch = student_view(batch)
-
-    def loss_fn(params):
-      student_out = apply_model(student, params["model"], student_batch, deterministic=False,
-                                rngs={"dropout": dropout_rng}, **student_outputs)
-      return losses.distillation_loss(student_out, teacher_out, batch, weights=weights,
-                                      layer_map=layer_map, prediction_loss=prediction_loss,
-                                      temperature=temperature, projections=params["proj"],
-                                      alpha=alpha)
-
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    terms["grad_norm"] = optax.tree.norm(grads)
-    # Per-term finiteness in the step: the loop fetches one scalar to decide.
-    terms["nonfinite_terms"] = sum(jnp.logical_not(jnp.isfinite(v)).astype(jnp.float32)
-                                   for v in terms.values())
-    skipping = isinstance(state.opt_state, optax.ApplyIfFiniteState)
-    if skipping:  # apply_if_finite reads the gradients only: also skip a non-finite loss
-      finite = terms["nonfinite_terms"] == 0
-      grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if skipping:
-      terms["skipped_steps"] = opt_state.total_notfinite.astype(jnp.float32)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), terms
+    teacher_out = _teacher_forward(teachers, teacher_params, batch, teacher_outputs)
+    return _student_update(student, tx, state, teacher_out, batch, rng,
+                           student_outputs=student_outputs, **objective)
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   state_sharding = repl if state_sharding is None else state_sharding
@@ -256,6 +274,63 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
       teacher_sharding)
   return jax.jit(train_step, in_shardings=(state_sharding, teacher_sharding, data, repl),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+
+def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
+                           weights: Sequence[Mapping[str, float]],
+                           layer_map: tuple[int | None, ...], prediction_loss: str,
+                           temperature: float, mesh, alpha: float = -1.0) -> Any:
+  """Builds the jitted `cohort_step(states, teacher_params, batch, rngs) -> (states,
+  metrics)` of N students of one shape that train on the same batches from the same
+  teachers: one teacher forward, then each student's `_student_update` under `jax.vmap`.
+
+  `states`: a TrainState whose leaves are the N students' stacked on a new leading axis
+  ([N, ...]; `stack_states`), each with its own parameters and optimizer state; `rngs`:
+  [N, 2] uint32 dropout keys (student i's key as its own run's `rng`); `weights`: one
+  objective per student (N dicts; a term weighted for some and 0 for others is computed
+  for all and multiplied by a [N] weight, so NON-KD students sit beside KD ones). Every
+  metric is [N]. Student i's parameters follow what `make_train_step` with `weights[i]`
+  gives on its own, up to float32 rounding (tests/test_train.py: 1e-5 after 3 steps).
+  Runs on a mesh without model sharding (every array replicated; the batch sharded over
+  the data axis). Raises ValueError for no students or a mesh with fsdp/tensor axes > 1.
+  """
+  if not weights:
+    raise ValueError("make_cohort_train_step: no students (weights is empty)")
+  if any(mesh.shape.get(axis, 1) > 1 for axis in ("fsdp", "tensor")):
+    raise ValueError(f"make_cohort_train_step: mesh {dict(mesh.shape)} shards the model; "
+                     "a cohort runs replicated (data axis only)")
+  teachers = tuple(teachers)
+  names = sorted({k for w in weights for k, v in w.items() if v})
+  stacked = {k: jnp.asarray([float(w.get(k, 0.0)) for w in weights], jnp.float32)
+             for k in names}
+  student_outputs, teacher_outputs = losses.outputs_needed(
+      {k: 1.0 for k in names}, layer_map, student.config.num_layers,
+      teachers[0].config.num_layers if teachers else 0)
+
+  def cohort_step(states: TrainState, teacher_params, batch, rngs):
+    teacher_out = _teacher_forward(teachers, teacher_params, batch, teacher_outputs)
+
+    def one(state, w, rng):
+      return _student_update(student, tx, state, teacher_out, batch, rng, weights=w,
+                             layer_map=layer_map, prediction_loss=prediction_loss,
+                             temperature=temperature, alpha=alpha,
+                             student_outputs=student_outputs)
+    return jax.vmap(one)(states, stacked, rngs)
+
+  repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(cohort_step, in_shardings=(repl, tuple(repl for _ in teachers), data, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """N TrainStates of one structure -> one whose leaves are stacked [N, ...]
+  (`make_cohort_train_step`); `unstack_state` undoes it."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(states: TrainState, n: int) -> list[TrainState]:
+  """The N TrainStates of a stacked one (`stack_states`)."""
+  return [jax.tree.map(lambda x: x[i], states) for i in range(n)]
 
 
 def create_train_state(trainable: Any, tx, mesh) -> tuple[TrainState, TrainState]:

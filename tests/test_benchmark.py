@@ -47,6 +47,14 @@ def test_benchmark_bf16_runs_both_frameworks_near_their_fp32_loss():
   assert benchmark.matmul_flops_per_s(256, 64, 128, repeats=2, precision="bf16") > 0
 
 
+def test_cohort_benchmark_times_one_cohort_step_against_single_steps():
+  sizes = benchmark.Sizes(teacher_layers=2, student_layers=2, hidden=32, heads=4,
+                          intermediate=64, vocab=100, seq_len=16, batch=4, rows=0)
+  r = benchmark.run_cohort(sizes, 3, steps=2, warmup=0)
+  assert r["students"] == 3 and r["cohort_s"] > 0 and r["sequential_s"] > 0
+  assert r["speedup"] == pytest.approx(r["sequential_s"] / r["cohort_s"])
+
+
 def test_torch_scores_attention_returns_pre_softmax_scores():
   torch = pytest.importorskip("torch")
   from transformers import BertConfig, BertForSequenceClassification
