@@ -155,15 +155,16 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
 
 def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
               scan_layers: bool = False, unpad: bool = False,
-              precision: str = "fp32", students: int = 0) -> "Runner":
+              precision: str = "fp32", students: int = 0,
+              cohort_mode: str = "loop") -> "Runner":
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
   both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
   batch carries a `token_index` (budget rounded up as `config.unpad_multiple` 0 does
   in training: to a sixteenth of the batch's positions). `precision`: the encoders'
   compute dtype (config.precision; parameters and optimizer stay float32). `students`
-  N > 0: the runner's step is one `make_cohort_train_step` step of N students (one
-  teacher forward), their loss the first student's."""
+  N > 0: the runner's step is one `make_cohort_train_step` step (`cohort_mode`) of N
+  students (one teacher forward), their loss the first student's."""
   dtype = PRECISIONS[precision]
   if unpad:
     mask = batch_np["attention_mask"]
@@ -193,8 +194,9 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
   if students:  # the cohort step over `students` copies of the state, own dropout keys
     step_fn = make_cohort_train_step(student, (teacher,), tx, weights=[WEIGHTS] * students,
                                      layer_map=lmap, prediction_loss="mse",
-                                     temperature=1.0, mesh=mesh)
-    state = stack_states([state] * students)
+                                     temperature=1.0, mesh=mesh, mode=cohort_mode)
+    copies = [jax.tree.map(jnp.copy, state) for _ in range(students)]  # donated apart
+    state = stack_states(copies) if cohort_mode == "vmap" else tuple(copies)
     rng = jax.random.split(rng, students)
   else:
     step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
@@ -219,31 +221,33 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
                          token_index=token_index, **teacher_kwargs)
 
   ids, mask, index = batch["input_ids"], batch["attention_mask"], batch.get("token_index")
-  name = ("kd_jax_unpadded" if unpad else "kd_jax") + (f" x{students} cohort" if students
-                                                       else "")
+  name = ("kd_jax_unpadded" if unpad else "kd_jax") + (
+      f" x{students} cohort ({cohort_mode})" if students else "")
   return Runner(name, one_step,
                 lambda: jax.block_until_ready(teacher_forward(t_params, ids, mask, index)),
                 lambda: float(np.ravel(box["metrics"]["loss"])[0]), compile_s)
 
 
 def run_cohort(sizes: Sizes, students: int = 6, *, steps: int = 5, warmup: int = 1,
-               seed: int = 0, unpad: bool = True, precision: str = "fp32") -> dict:
+               seed: int = 0, unpad: bool = True, precision: str = "fp32",
+               mode: str = "loop") -> dict:
   """Many students per teacher pass: one cohort step of `students` KD students
   (`train.make_cohort_train_step`) against `students` steps of one student
   (`make_train_step`, what training them one by one costs), alternating for `steps`
-  rounds after `warmup`. Returns {"students", "cohort_s", "sequential_s" (students ×
+  rounds after `warmup`; `mode`: the cohort step's ("loop" or "vmap"). Returns
+  {"students", "mode", "cohort_s", "sequential_s" (students ×
   the median single step), "speedup" (sequential_s / cohort_s: the examples/s ratio),
   "compile_s", "single_compile_s"}."""
   batch_np = make_batch(sizes, seed)
   single = setup_jax(sizes, batch_np, seed=seed, unpad=unpad, precision=precision)
   cohort = setup_jax(sizes, batch_np, seed=seed, unpad=unpad, precision=precision,
-                     students=students)
+                     students=students, cohort_mode=mode)
   for _ in range(warmup):
     single.step()
     cohort.step()
   single_s, cohort_s = _interleaved([single.step, cohort.step], steps)
   sequential = students * float(np.median(single_s))
-  out = {"students": students, "cohort_s": float(np.median(cohort_s)),
+  out = {"students": students, "mode": mode, "cohort_s": float(np.median(cohort_s)),
          "sequential_s": sequential, "compile_s": cohort.compile_s,
          "single_compile_s": single.compile_s}
   out["speedup"] = sequential / out["cohort_s"]
@@ -443,8 +447,7 @@ def limit_lines(results: dict, sizes: Sizes, batch_np: dict, matmul: float) -> l
   """Per framework: model FLOPs per step (padded, or real tokens for kd_jax_unpadded,
   which computes only those), achieved GFLOP/s and its share of `matmul` FLOP/s."""
   real = int(np.sum(batch_np["attention_mask"]))
-  lines = [f"single matmul [4096,384]x[384,1536] at the step's precision: "
-           f"{matmul / 1e9:.1f} GFLOP/s (the limit)"]
+  lines = [f"single matmul [4096,384]x[384,1536]: {matmul / 1e9:.1f} GFLOP/s (the limit)"]
   for key, r in results.items():
     if not isinstance(r, Result):
       continue
@@ -569,6 +572,8 @@ def main(argv=None) -> dict:
   p.add_argument("--students", type=int, default=0,
                  help="N > 0: time one cohort step of N students (one teacher pass) "
                       "against N single-student steps instead (unpadded)")
+  p.add_argument("--cohort_mode", choices=("loop", "vmap"), default="loop",
+                 help="--students: N student graphs in one step, or one vmapped")
   p.add_argument("--inference", action="store_true",
                  help="forward throughput of teacher and students instead "
                       "(kd_jax.benchmark_inference): kd_jax and exported PyTorch models")
@@ -590,8 +595,8 @@ def main(argv=None) -> dict:
            if os.environ.get("GLIBC_TUNABLES") else ""))
   if a.students:
     r = run_cohort(sizes, a.students, steps=a.steps, warmup=a.warmup, seed=a.seed,
-                   precision=a.precision)
-    print(f"| students | cohort step s | {a.students} single steps s | speed-up | compile s "
+                   precision=a.precision, mode=a.cohort_mode)
+    print(f"| students ({a.cohort_mode}) | cohort step s | {a.students} single steps s | speed-up | compile s "
           f"(cohort / single) |\n|---:|---:|---:|---:|---:|\n| {a.students} | "
           f"{r['cohort_s']:.3f} | {r['sequential_s']:.3f} | {r['speedup']:.2f}x | "
           f"{r['compile_s']:.1f} / {r['single_compile_s']:.1f} |")
@@ -602,8 +607,10 @@ def main(argv=None) -> dict:
                           scan_layers=a.scan_layers, precision=a.precision)
   print(format_table(results, sizes))
   if jax.default_backend() == "cpu":
-    print("\n".join(limit_lines(results, sizes, make_batch(sizes, a.seed),
-                                 matmul_flops_per_s(precision=a.precision))))
+    # The limit: the faster of the float32 and the step's own precision (XLA:CPU's bf16
+    # dot can be slower than its float32 one).
+    rate = max(matmul_flops_per_s(precision=p) for p in {"fp32", a.precision})
+    print("\n".join(limit_lines(results, sizes, make_batch(sizes, a.seed), rate)))
   torch_r = results.get("pytorch")
   if torch_r is not None:
     print("PyTorch attention loss on " + (

@@ -279,21 +279,31 @@ def make_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
 def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                            weights: Sequence[Mapping[str, float]],
                            layer_map: tuple[int | None, ...], prediction_loss: str,
-                           temperature: float, mesh, alpha: float = -1.0) -> Any:
+                           temperature: float, mesh, alpha: float = -1.0,
+                           mode: str = "loop") -> Any:
   """Builds the jitted `cohort_step(states, teacher_params, batch, rngs) -> (states,
   metrics)` of N students of one shape that train on the same batches from the same
-  teachers: one teacher forward, then each student's `_student_update` under `jax.vmap`.
+  teachers: one teacher forward, then each student's `_student_update`.
 
-  `states`: a TrainState whose leaves are the N students' stacked on a new leading axis
-  ([N, ...]; `stack_states`), each with its own parameters and optimizer state; `rngs`:
+  `mode` "loop": `states` is a tuple of N TrainStates and the N updates are N copies of
+  the student's graph in the one compiled step (plain matmuls; N times the compile
+  time). "vmap": `states` is one TrainState whose leaves are the N students' stacked on
+  a new leading axis ([N, ...]; `stack_states`) and the update runs under `jax.vmap`
+  (batched matmuls: on XLA:CPU slower than N plain ones, see the README's benchmark).
+  Each student has its own parameters and optimizer state; `rngs`:
   [N, 2] uint32 dropout keys (student i's key as its own run's `rng`); `weights`: one
-  objective per student (N dicts; a term weighted for some and 0 for others is computed
-  for all and multiplied by a [N] weight, so NON-KD students sit beside KD ones). Every
-  metric is [N]. Student i's parameters follow what `make_train_step` with `weights[i]`
-  gives on its own, up to float32 rounding (tests/test_train.py: 1e-5 after 3 steps).
+  objective per student (N dicts, so NON-KD students sit beside KD ones; a term weighted
+  for some and 0 for others is computed, under "vmap", for all and multiplied by a [N]
+  weight, under "loop" only where weighted). Every metric is [N] (0 for a term a student
+  does not compute). Student i's parameters follow what `make_train_step` with
+  `weights[i]` gives on its own, up to float32 rounding (tests/test_cohort.py: 1e-5
+  after 3 steps).
   Runs on a mesh without model sharding (every array replicated; the batch sharded over
-  the data axis). Raises ValueError for no students or a mesh with fsdp/tensor axes > 1.
+  the data axis). Raises ValueError for no students, an unknown mode, or a mesh with
+  fsdp/tensor axes > 1.
   """
+  if mode not in ("loop", "vmap"):
+    raise ValueError(f"make_cohort_train_step: mode={mode!r}; use 'loop' or 'vmap'")
   if not weights:
     raise ValueError("make_cohort_train_step: no students (weights is empty)")
   if any(mesh.shape.get(axis, 1) > 1 for axis in ("fsdp", "tensor")):
@@ -315,7 +325,15 @@ def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                              layer_map=layer_map, prediction_loss=prediction_loss,
                              temperature=temperature, alpha=alpha,
                              student_outputs=student_outputs)
-    return jax.vmap(one)(states, stacked, rngs)
+    if mode == "vmap":
+      return jax.vmap(one)(states, stacked, rngs)
+    # Python floats: a student's zero-weighted terms are not computed at all.
+    outs = [one(state, {k: float(weights[i].get(k, 0.0)) for k in names}, rngs[i])
+            for i, state in enumerate(states)]
+    keys = list(dict.fromkeys(k for _, terms in outs for k in terms))
+    return (tuple(state for state, _ in outs),
+            {k: jnp.stack([terms.get(k, jnp.float32(0.0)) for _, terms in outs])
+             for k in keys})
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(cohort_step, in_shardings=(repl, tuple(repl for _ in teachers), data, repl),

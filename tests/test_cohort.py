@@ -30,7 +30,8 @@ def _batches(n, b=4, t=16, vocab=100, seed=0):
   return out
 
 
-def test_six_students_one_teacher_pass_equal_training_them_one_by_one():
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_six_students_one_teacher_pass_equal_training_them_one_by_one(mode):
   """Three initialisations x {KD, NON-KD} (and a KD-without-att one): after 3 steps
   every student's parameters and losses equal its own run's within 1e-5."""
   mesh = sharding.create_mesh(1)
@@ -60,23 +61,26 @@ def test_six_students_one_teacher_pass_equal_training_them_one_by_one():
     alone.append(jax.device_get(state.params))
     alone_losses.append(losses)
 
-  step = train.make_cohort_train_step(student, (teacher,), tx,
+  step = train.make_cohort_train_step(student, (teacher,), tx, mode=mode,
                                       weights=[w for _, w in cohort], **kw)
-  states = train.stack_states([train.create_train_state({"model": p, "proj": {}}, tx, mesh)[0]
-                               for p, _ in cohort])
+  states = tuple(train.create_train_state({"model": p, "proj": {}}, tx, mesh)[0]
+                 for p, _ in cohort)
+  if mode == "vmap":
+    states = train.stack_states(states)
   cohort_losses = []
   for batch in batches:
     states, metrics = step(states, (t_params,), batch, rngs)
     assert metrics["loss"].shape == (n,)
     cohort_losses.append(np.asarray(metrics["loss"]))
   np.testing.assert_allclose(np.stack(cohort_losses).T, alone_losses, rtol=1e-5, atol=1e-6)
-  for i, state in enumerate(train.unstack_state(states, n)):
+  states = train.unstack_state(states, n) if mode == "vmap" else list(states)
+  for i, state in enumerate(states):
     assert int(state.step) == 3
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          jax.device_get(state.params), alone[i])
     assert max(jax.tree.leaves(diffs)) < 1e-5, (i, diffs)
   # the students did move apart: KD and NON-KD from one initialisation differ
-  first = train.unstack_state(states, n)
+  first = states
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), first[0].params,
                        first[1].params)
   assert max(jax.tree.leaves(moved)) > 1e-4
@@ -87,6 +91,10 @@ def test_cohort_refuses_no_students_and_model_sharded_meshes():
                       num_heads=2, intermediate_size=32, num_labels=3, pad_token_id=1)
   tx, _ = train.make_optimizer(train_config(), 10)
   mesh = sharding.create_mesh(1)
+  with pytest.raises(ValueError, match="mode='scan'"):
+    train.make_cohort_train_step(Encoder(cfg), (), tx, weights=[NON_KD], mode="scan",
+                                 layer_map=(None, None), prediction_loss="mse",
+                                 temperature=1.0, mesh=mesh)
   with pytest.raises(ValueError, match="no students"):
     train.make_cohort_train_step(Encoder(cfg), (), tx, weights=[], layer_map=(None, None),
                                  prediction_loss="mse", temperature=1.0, mesh=mesh)
