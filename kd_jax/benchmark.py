@@ -156,7 +156,7 @@ def encoder_configs(sizes: Sizes) -> tuple[EncoderConfig, EncoderConfig]:
 def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
               scan_layers: bool = False, unpad: bool = False,
               precision: str = "fp32", students: int = 0,
-              cohort_mode: str = "loop") -> "Runner":
+              cohort_mode: str = "scan") -> "Runner":
   """kd_jax's own `make_train_step` (compiled here) and the jitted teacher forward with
   the intermediates that step reads (scores of the mapped layers only). `scan_layers`:
   both encoders run their layers as one lax.scan (config.scan_layers). `unpad`: the
@@ -196,7 +196,7 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
                                      layer_map=lmap, prediction_loss="mse",
                                      temperature=1.0, mesh=mesh, mode=cohort_mode)
     copies = [jax.tree.map(jnp.copy, state) for _ in range(students)]  # donated apart
-    state = stack_states(copies) if cohort_mode == "vmap" else tuple(copies)
+    state = tuple(copies) if cohort_mode == "loop" else stack_states(copies)
     rng = jax.random.split(rng, students)
   else:
     step_fn = make_train_step(student, (teacher,), tx, weights=WEIGHTS, layer_map=lmap,
@@ -230,11 +230,11 @@ def setup_jax(sizes: Sizes, batch_np: dict, *, seed: int = 0,
 
 def run_cohort(sizes: Sizes, students: int = 6, *, steps: int = 5, warmup: int = 1,
                seed: int = 0, unpad: bool = True, precision: str = "fp32",
-               mode: str = "loop") -> dict:
+               mode: str = "scan") -> dict:
   """Many students per teacher pass: one cohort step of `students` KD students
   (`train.make_cohort_train_step`) against `students` steps of one student
   (`make_train_step`, what training them one by one costs), alternating for `steps`
-  rounds after `warmup`; `mode`: the cohort step's ("loop" or "vmap"). Returns
+  rounds after `warmup`; `mode`: the cohort step's ("scan", "vmap" or "loop"). Returns
   {"students", "mode", "cohort_s", "sequential_s" (students ×
   the median single step), "speedup" (sequential_s / cohort_s: the examples/s ratio),
   "compile_s", "single_compile_s"}."""
@@ -572,8 +572,8 @@ def main(argv=None) -> dict:
   p.add_argument("--students", type=int, default=0,
                  help="N > 0: time one cohort step of N students (one teacher pass) "
                       "against N single-student steps instead (unpadded)")
-  p.add_argument("--cohort_mode", choices=("loop", "vmap"), default="loop",
-                 help="--students: N student graphs in one step, or one vmapped")
+  p.add_argument("--cohort_mode", choices=("scan", "vmap", "loop"), default="scan",
+                 help="--students: the students' updates scanned, vmapped, or N graphs")
   p.add_argument("--inference", action="store_true",
                  help="forward throughput of teacher and students instead "
                       "(kd_jax.benchmark_inference): kd_jax and exported PyTorch models")

@@ -280,21 +280,23 @@ def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                            weights: Sequence[Mapping[str, float]],
                            layer_map: tuple[int | None, ...], prediction_loss: str,
                            temperature: float, mesh, alpha: float = -1.0,
-                           mode: str = "loop") -> Any:
+                           mode: str = "scan") -> Any:
   """Builds the jitted `cohort_step(states, teacher_params, batch, rngs) -> (states,
   metrics)` of N students of one shape that train on the same batches from the same
   teachers: one teacher forward, then each student's `_student_update`.
 
-  `mode` "loop": `states` is a tuple of N TrainStates and the N updates are N copies of
-  the student's graph in the one compiled step (plain matmuls; N times the compile
-  time). "vmap": `states` is one TrainState whose leaves are the N students' stacked on
-  a new leading axis ([N, ...]; `stack_states`) and the update runs under `jax.vmap`
-  (batched matmuls: on XLA:CPU slower than N plain ones, see the README's benchmark).
+  `mode` "scan": `states` is one TrainState whose leaves are the N students' stacked on
+  a new leading axis ([N, ...]; `stack_states`), and `lax.scan` runs the updates one
+  after the other (one student's activations live at a time, plain matmuls, one
+  compiled body). "vmap": the same stacked states, the updates under `jax.vmap`
+  (batched matmuls). "loop": `states` is a tuple of N TrainStates and the N updates are
+  N copies of the student's graph in the one compiled step (N times the compile time).
+  On XLA:CPU vmap and loop were no faster than N single steps (README, Benchmark).
   Each student has its own parameters and optimizer state; `rngs`:
   [N, 2] uint32 dropout keys (student i's key as its own run's `rng`); `weights`: one
   objective per student (N dicts, so NON-KD students sit beside KD ones; a term weighted
   for some and 0 for others is computed, under "vmap", for all and multiplied by a [N]
-  weight, under "loop" only where weighted). Every metric is [N] (0 for a term a student
+  weight (also under "scan"), under "loop" only where weighted). Every metric is [N] (0 for a term a student
   does not compute). Student i's parameters follow what `make_train_step` with
   `weights[i]` gives on its own, up to float32 rounding (tests/test_cohort.py: 1e-5
   after 3 steps).
@@ -302,8 +304,8 @@ def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
   the data axis). Raises ValueError for no students, an unknown mode, or a mesh with
   fsdp/tensor axes > 1.
   """
-  if mode not in ("loop", "vmap"):
-    raise ValueError(f"make_cohort_train_step: mode={mode!r}; use 'loop' or 'vmap'")
+  if mode not in ("scan", "vmap", "loop"):
+    raise ValueError(f"make_cohort_train_step: mode={mode!r}; use 'scan', 'vmap' or 'loop'")
   if not weights:
     raise ValueError("make_cohort_train_step: no students (weights is empty)")
   if any(mesh.shape.get(axis, 1) > 1 for axis in ("fsdp", "tensor")):
@@ -327,6 +329,10 @@ def make_cohort_train_step(student: Encoder, teachers: Sequence[Encoder], tx, *,
                              student_outputs=student_outputs)
     if mode == "vmap":
       return jax.vmap(one)(states, stacked, rngs)
+    if mode == "scan":
+      _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None,
+                            (states, stacked, rngs))
+      return out
     # Python floats: a student's zero-weighted terms are not computed at all.
     outs = [one(state, {k: float(weights[i].get(k, 0.0)) for k in names}, rngs[i])
             for i, state in enumerate(states)]
