@@ -47,8 +47,8 @@ are copied to `DIR/runs/<name>` and listed in `DIR/manifest.json`, each with its
 identity. On a new machine the same command restores every archived run whose identity
 matches into the workdir (copied) instead of training it, and copies the report into
 `DIR`. An archived teacher has no weights: when a student still needs it, it is trained
-again (the runs are deterministic on one kind of machine; the new result is printed
-beside the archived one).
+again (the runs are deterministic: the tsm teacher scored the same float on an AMD and
+an Intel machine; the new result is printed beside the archived one).
 """
 
 from __future__ import annotations
@@ -567,10 +567,10 @@ def _archived_files(run_dir: epath.Path):
 def archive_runs(study: Study, runs: Sequence[Run], root: epath.Path, archive: epath.Path,
                  identities: Mapping[str, str]) -> int:
   """Copies every finished run of `runs` under `root` into `archive/runs/<name>` (its
-  small files, `_archived_files`; a file whose size and time match is not copied again),
-  its record with its identity (`identities[name]` if it has none), and lists it in `archive/manifest.json`
-  (workdirs relative to the archive; entries of other runs kept). Returns the number of
-  files copied."""
+  small files, `_archived_files`; a file whose size and time match is not copied again;
+  its record with its identity, `identities[name]` if it has none) and lists it in
+  `archive/manifest.json` (workdirs relative to the archive; entries of other runs
+  kept). Returns the number of files copied."""
   manifest_file = archive / MANIFEST
   entries = {}
   if manifest_file.exists():
